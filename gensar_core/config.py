@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -120,13 +120,12 @@ class SplitConfig(_Strict):
     max_rec_history: int = Field(5, ge=0)
     max_search_history: int = Field(5, ge=0)
 
-    @field_validator("valid_share")
-    @classmethod
-    def _shares_leave_test(cls, v: float, info: Any) -> float:
-        train = info.data.get("train_share", 0.8)
-        if train + v >= 1:
-            raise ValueError(f"train_share + valid_share must be < 1 (got {train} + {v})")
-        return v
+    @model_validator(mode="after")
+    def _shares_leave_test(self) -> "SplitConfig":
+        if self.train_share + self.valid_share >= 1:
+            raise ValueError(f"train_share + valid_share must leave a test share "
+                             f"(got {self.train_share} + {self.valid_share})")
+        return self
 
 
 # ---------------------------------------------------------------- services
@@ -214,13 +213,15 @@ class PipelineConfig(_Strict):
     embed: EmbedConfig = EmbedConfig()
     identifiers: IdentifierConfig = IdentifierConfig()
 
-    @field_validator("ds")
+    @field_validator("ds", mode="before")
     @classmethod
-    def _iso_date(cls, v: Optional[str]) -> Optional[str]:
-        if v is None:
-            return v
+    def _iso_date(cls, v: Any) -> Any:
         import datetime as _dt
 
+        if isinstance(v, _dt.date):  # YAML reads 2026-11-27 as a date
+            return v.isoformat()
+        if not isinstance(v, str):
+            return v
         try:
             _dt.date.fromisoformat(v)
         except ValueError as e:

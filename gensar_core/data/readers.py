@@ -331,15 +331,22 @@ def read_kuaisar(spark: SparkSession, src: KuaiSARSource) -> tuple[DataFrame, Da
 def _read_generic_table(spark: SparkSession, src: GenericSource, path: Path, what: str) -> DataFrame:
     if src.format == "csv":
         return read_delimited(spark, path, what, src.csv_sep).withColumnRenamed("line", "raw")
-    files = list_files(path, what)
-    try:
-        df = spark.read.parquet(*[str(f) for f in files])
-    except Exception as e:  # Spark raises AnalysisException et al. for a non-Parquet file
-        raise IngestError(f"{what} input {path} is not readable Parquet: {str(e).splitlines()[0]}") from e
+    # one scan per file, every column as string: part files written by different tools disagree
+    # on types (an all-null column, int vs string ids), and a merged scan would fail on them
+    parts = []
+    for f in list_files(path, what):
+        try:
+            part = spark.read.parquet(str(f))
+        except Exception as e:  # Spark raises AnalysisException et al. for a non-Parquet file
+            raise IngestError(f"{what} input {f} is not readable Parquet: {str(e).splitlines()[0]}") from e
+        parts.append(part.select(*[F.col(c).cast("string").alias(c) for c in part.columns]))
+    df = parts[0]
+    for part in parts[1:]:
+        df = df.unionByName(part, allowMissingColumns=True)
     df = with_row_numbers(df)
     data_cols = [c for c in df.columns if c not in ("source", "row")]
     return df.select(
-        "source", "row", *[F.col(c).cast("string").alias(c) for c in data_cols],
+        "source", "row", *data_cols,
         F.to_json(F.struct(*data_cols)).alias("raw"), _null().alias("error"),
     )
 

@@ -1,0 +1,63 @@
+"""The one typed config: defaults run, YAML + overrides merge, bad input says what and where."""
+from __future__ import annotations
+
+import pytest
+
+from gensar_core.config import ConfigError, PipelineConfig, load_config
+
+
+def test_defaults_are_the_embedded_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("GENSAR_HOME", str(tmp_path))
+    cfg = load_config()
+    assert cfg.data.source.kind == "movielens" and cfg.data.source.path is None
+    assert cfg.warehouse == tmp_path / "warehouse"
+    assert cfg.split.strategy == "leave_one_out"
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("split:\n  kcore: 5\n  max_rec_history: 3\ndata:\n  source:\n    kind: generic\n"
+                 "    events: /e.csv\n    items: /i.csv\n")
+    cfg = load_config(f, ["split.kcore=10", "data.search.share=0.5", "ds=2026-11-27"])
+    assert (cfg.split.kcore, cfg.split.max_rec_history, cfg.data.search.share) == (10, 3, 0.5)
+    assert cfg.data.source.kind == "generic" and str(cfg.data.source.events) == "/e.csv"
+    assert cfg.ds == "2026-11-27"
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"split\.kcroe: unknown key"):
+        load_config(None, ["split.kcroe=3"])
+    f = tmp_path / "c.yaml"
+    f.write_text("spark:\n  mastr: local[4]\n")
+    with pytest.raises(ConfigError, match=rf"{f}.*\n.*spark\.mastr: unknown key"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("override, where", [
+    ("split.kcore=-1", "split.kcore"),
+    ("data.search.share=1.5", "data.search.share"),
+    ("split.strategy=random", "split.strategy"),
+    ("ds=27/11/2026", "ds"),
+    ("data.source.kind=csv", "data.source"),
+    ("split.train_share=0.95", "split: Value error, train_share"),
+])
+def test_bad_values_are_named(override, where):
+    with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    f = tmp_path / "bad.yaml"
+    f.write_text("split: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["kcore"])
+
+
+def test_fingerprint_tracks_content():
+    a, b = PipelineConfig(warehouse="/w"), PipelineConfig(warehouse="/w")
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != PipelineConfig(warehouse="/w", seed=1).fingerprint()
