@@ -104,8 +104,14 @@ class SyntheticSearchConfig(_Strict):
 class DataConfig(_Strict):
     source: Source = MovieLensSource()
     search: SyntheticSearchConfig = SyntheticSearchConfig()
-    # Events later than the end of the run date `ds` are rejected as 'after_run_date'.
-    reject_after_run_date: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kind(cls, data: Any) -> Any:
+        # `--set data.source.path=...` alone means the default (MovieLens) source
+        if isinstance(data, dict) and isinstance(data.get("source"), dict) and "kind" not in data["source"]:
+            data = {**data, "source": {**data["source"], "kind": "movielens"}}
+        return data
 
 
 # ---------------------------------------------------------------- splits

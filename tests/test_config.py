@@ -61,3 +61,10 @@ def test_fingerprint_tracks_content():
     a, b = PipelineConfig(warehouse="/w"), PipelineConfig(warehouse="/w")
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != PipelineConfig(warehouse="/w", seed=1).fingerprint()
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for f in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_config(f)

@@ -71,6 +71,14 @@ def ingest(spark, cfg: PipelineConfig) -> dict:
     t0 = time.time()
     wh = Warehouse(cfg.warehouse)
     raw_events, raw_items, raw_queries = readers.read_source(spark, cfg.data.source)
+    # parse each file once: the raw count is taken from the same cached rows that validation reads
+    cached = [df.persist(StorageLevel.MEMORY_AND_DISK) for df in (raw_events, raw_items, raw_queries)
+              if df is not None]
+    raw_events, raw_items = cached[0], cached[1]
+    raw_queries = cached[2] if raw_queries is not None else None
+    raw_counts = {"items": raw_items.count(), "events": raw_events.count()}
+    if raw_queries is not None:
+        raw_counts["queries"] = raw_queries.count()
 
     items_v = validate.validate_items(raw_items).persist(StorageLevel.MEMORY_AND_DISK)
     items = validate.curated_items(items_v).persist(StorageLevel.MEMORY_AND_DISK)
@@ -79,14 +87,13 @@ def ingest(spark, cfg: PipelineConfig) -> dict:
 
     rejected = validate.rejected_rows(items_v, "items").unionByName(validate.rejected_rows(events_v, "events"))
     counts = {"items": _reason_counts(items_v), "events": _reason_counts(events_v)}
-    raw_counts = {"items": raw_items.count(), "events": raw_events.count()}
 
     if raw_queries is not None:
         events, queries_v = _apply_query_file(events, raw_queries)
         queries_v = queries_v.persist(StorageLevel.MEMORY_AND_DISK)
         rejected = rejected.unionByName(validate.rejected_rows(queries_v, "queries"))
         counts["queries"] = _reason_counts(queries_v)
-        raw_counts["queries"] = raw_queries.count()
+        cached.append(queries_v)
     if _wants_synthetic_search(cfg):
         s = cfg.data.search
         events = synth.synthesize_searches(events, items, s.share, s.seed, s.title_terms)
@@ -105,9 +112,7 @@ def ingest(spark, cfg: PipelineConfig) -> dict:
 
     with atomic_dir(wh.curated) as stage:
         items.orderBy("item_idx").coalesce(1).write.parquet(str(stage / "items"))
-        (events.repartition(cfg.spark.shuffle_partitions, "user_id")
-               .sortWithinPartitions("user_id", "ts", "item_id")
-               .write.parquet(str(stage / "events")))
+        events.sortWithinPartitions("user_id", "ts", "item_id").write.parquet(str(stage / "events"))
         rejected.orderBy("table", "source", "row").coalesce(1).write.parquet(str(stage / "rejected"))
         behaviors = Counter({r["behavior"]: r["count"] for r in
                              spark.read.parquet(str(stage / "events")).groupBy("behavior").count().collect()})
@@ -115,7 +120,7 @@ def ingest(spark, cfg: PipelineConfig) -> dict:
         manifest["seconds"] = round(time.time() - t0, 1)
         write_json_atomic(stage / "_manifest.json", manifest)
 
-    for df in (items_v, items, events_v):
+    for df in (items_v, items, events_v, *cached):
         df.unpersist()
     log.info("ingest done: %s", format_counts(manifest))
     return manifest
