@@ -1,0 +1,158 @@
+"""Dual residual quantiser: k-means, forward pass, training, determinism, checkpoints."""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from gensar_core.config import IdentifierConfig
+from gensar_core.identifiers import (
+    DualQuantiser, PlainResidualQuantiser, QuantiserSpec, load_quantiser, save_quantiser, train_quantiser)
+from gensar_core.identifiers.kmeans import kmeans
+from gensar_core.identifiers.quantiser import collision_rate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models on a shared 2-core machine: one thread avoids oversubscription (10x faster)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def clustered(n=400, clusters=16, sem_dim=32, col_dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.integers(clusters, size=n)
+    sem = rng.normal(size=(clusters, sem_dim))[c] + 0.3 * rng.normal(size=(n, sem_dim))
+    col = 3 * rng.normal(size=(clusters, col_dim))[c] + 0.5 * rng.normal(size=(n, col_dim))
+    return torch.tensor(sem, dtype=torch.float32), torch.tensor(col, dtype=torch.float32)
+
+
+CFG = IdentifierConfig(hidden_dims=[64, 32], latent_dim=8, codebook_size=8, epochs=30,
+                       batch_size=128, lr=3e-3, eval_every=5, kmeans_iters=10)
+
+
+def small_model(seed=0):
+    return DualQuantiser(QuantiserSpec.from_config(CFG, 32, 16), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    sem, col = clustered()
+    model = small_model(seed=1)
+    result = train_quantiser(model, sem, col, CFG, seed=1, device="cpu")
+    return model, result, sem, col
+
+
+def test_kmeans_is_seeded_and_beats_random_centres():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = centres.repeat_interleave(50, 0) + 0.1 * torch.randn(150, 2, generator=g)
+    a, b = kmeans(x, 3, iters=10, seed=3), kmeans(x, 3, iters=10, seed=3)
+    assert torch.equal(a, b)
+
+    def inertia(c):
+        return torch.cdist(x, c).min(1).values.pow(2).sum()
+
+    assert inertia(a) < 0.1 * inertia(x[:3])  # three points of one blob
+    assert torch.cdist(centres, a).min(1).values.max() < 0.5  # one centre found per blob
+
+
+def test_kmeans_with_fewer_points_than_codes_gives_distinct_centres():
+    x = torch.randn(5, 4)
+    c = kmeans(x, 8, seed=0)
+    assert c.shape == (8, 4)
+    assert torch.unique(c, dim=0).shape[0] == 8
+
+
+def test_forward_shapes_and_straight_through_gradients():
+    sem, col = clustered(n=64)
+    model = small_model()
+    model.fit_scales(sem, col)
+    model.init_codebooks(sem, col, iters=5)
+    out = model(sem, col)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    # the encoders learn through the straight-through estimator, the codebooks through their loss
+    assert model.semantic_encoder[0].weight.grad.abs().sum() > 0
+    assert model.collaborative_encoder[0].weight.grad.abs().sum() > 0
+    for stack in (model.shared, model.semantic, model.collaborative):
+        assert all(cb.grad.abs().sum() > 0 for cb in stack.codebooks)
+    sem_codes, col_codes = model.id_codes(sem, col)
+    assert sem_codes.shape == col_codes.shape == (64, CFG.shared_levels + CFG.specific_levels)
+    assert torch.equal(sem_codes[:, :2], col_codes[:, :2])  # shared prefix
+    assert int(sem_codes.max()) < CFG.codebook_size and int(sem_codes.min()) >= 0
+
+
+def test_codebooks_are_kmeans_initialised():
+    sem, col = clustered(n=200)
+    model = small_model()
+    model.fit_scales(sem, col)
+    model.init_codebooks(sem, col, iters=5)
+    for stack in (model.shared, model.semantic, model.collaborative):
+        for cb in stack.codebooks:
+            assert cb.abs().sum() > 0 and torch.unique(cb, dim=0).shape[0] == CFG.codebook_size
+
+
+def test_training_reduces_reconstruction_loss(trained):
+    _, result, _, _ = trained
+    first, last = result.history[0], result.history[-1]
+    assert last["recon_loss"] < 0.7 * first["recon_loss"]
+    assert last["loss"] < first["loss"]
+    assert result.items_per_s > 0 and len(result.history) == CFG.epochs
+    # the kept weights come from an evaluated epoch of the second half
+    assert CFG.epochs // 2 <= result.selected_epoch <= CFG.epochs
+    assert "collision_rate" in result.history[result.selected_epoch - 1]
+
+
+def test_training_is_deterministic_for_a_seed(trained):
+    model, _, sem, col = trained
+    again = small_model(seed=1)
+    train_quantiser(again, sem, col, CFG, seed=1, device="cpu")
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    other = small_model(seed=2)
+    train_quantiser(other, sem, col, CFG.model_copy(update={"epochs": 2}), seed=2, device="cpu")
+    assert not torch.equal(other.shared.codebooks[0], model.shared.codebooks[0])
+
+
+def test_checkpoint_roundtrip_is_safetensors_and_exact(trained, tmp_path):
+    model, _, sem, col = trained
+    folder = save_quantiser(model, tmp_path / "q", extra={"seed": 1})
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    raw = (folder / "model.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])  # safetensors layout, no pickle
+    assert "shared.codebooks.0" in header and "semantic_scale" in header
+    config = json.loads((folder / "config.json").read_text())
+    assert config["spec"]["codebook_size"] == CFG.codebook_size and config["seed"] == 1
+
+    loaded = load_quantiser(folder)
+    assert not loaded.training
+    for x, y in zip(model.id_codes(sem, col), loaded.id_codes(sem, col)):
+        assert torch.equal(x, y)
+    for x, y in zip(model.reconstruct(sem, col), loaded.reconstruct(sem, col)):
+        assert torch.equal(x, y)
+
+
+def test_loader_rejects_other_folders(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_quantiser(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "something else"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="kind"):
+        load_quantiser(tmp_path)
+
+
+def test_plain_quantiser_trains_with_the_same_loop():
+    sem, col = clustered(n=200)
+    plain = PlainResidualQuantiser(32, 16, [64, 32], 16, levels=4, codebook_size=8, seed=0)
+    result = train_quantiser(plain, sem, col, CFG.model_copy(update={"epochs": 10}), seed=0, device="cpu")
+    assert result.history[-1]["recon_loss"] < result.history[0]["recon_loss"]
+    (codes,) = plain.id_codes(sem, col)
+    assert codes.shape == (200, 4)
+    assert 0.0 <= collision_rate(codes) < 1.0
