@@ -7,6 +7,21 @@ import sys
 from gensar_core.config import SparkConfig
 
 
+# SQL settings the steps rely on; applied to any session, also one Airflow's provider made
+SESSION_SQL_CONF = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.sources.partitionOverwriteMode": "dynamic",
+    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+}
+
+
+def configure_session(spark, cfg: SparkConfig):
+    """Apply the runtime SQL settings the pipeline needs to an existing session."""
+    for key, value in {**SESSION_SQL_CONF, "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions)}.items():
+        spark.conf.set(key, value)
+    return spark
+
+
 def spark_session(cfg: SparkConfig):
     """A SparkSession for `cfg.master` (local[2] by default), UTC, UI off, bound to loopback."""
     from pyspark.sql import SparkSession
@@ -25,13 +40,9 @@ def spark_session(cfg: SparkConfig):
         .config("spark.driver.bindAddress", "127.0.0.1")
         .config("spark.driver.host", "127.0.0.1")
         .config("spark.ui.enabled", "false")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
-        .config("spark.sql.sources.partitionOverwriteMode", "dynamic")
-        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
     )
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    return spark
+    return configure_session(spark, cfg)
