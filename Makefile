@@ -25,7 +25,7 @@ $(STAMP): requirements.lock setup.cfg
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/gensar run $(ARGS)
+	$(PY) infra/run_nightly.py $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -47,7 +47,24 @@ def gensar_nightly():
     def split(params=None, ds=None) -> dict:
         return pipeline.step_split(pipeline.config_for_run(params, ds))
 
-    ingest() >> split()
+    @task
+    def embed_semantic(params=None, ds=None) -> dict:
+        return pipeline.step_embed_semantic(pipeline.config_for_run(params, ds))
+
+    @task
+    def embed_collaborative(params=None, ds=None) -> dict:
+        return pipeline.step_embed_collaborative(pipeline.config_for_run(params, ds))
+
+    @task
+    def learn_identifiers(params=None, ds=None) -> dict:
+        return pipeline.step_learn_identifiers(pipeline.config_for_run(params, ds))
+
+    curated, splits = ingest(), split()
+    semantic, collaborative = embed_semantic(), embed_collaborative()
+    identifiers = learn_identifiers()
+    curated >> [splits, semantic]
+    splits >> collaborative
+    [semantic, collaborative] >> identifiers
 
 
 gensar_nightly()
