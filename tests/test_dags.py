@@ -10,6 +10,10 @@ import pytest
 from helpers import movielens_files, read
 
 REPO = Path(__file__).resolve().parents[1]
+# model sizes for a run on a handful of items: every step runs for real, just small
+TINY = ["embed.collaborative.epochs=1", "embed.collaborative.dim=16", "identifiers.epochs=2",
+        "identifiers.codebook_size=4", "identifiers.hidden_dims=[32]", "identifiers.latent_dim=4",
+        "identifiers.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +41,13 @@ def test_nightly_dag_runs_end_to_end(airflow_home, tmp_path):
 
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["gensar_nightly"]
     base = movielens_files(tmp_path / "ml", extra_events=["1\t1\t3\tbad"])
-    conf = {"overrides": [f"warehouse={tmp_path / 'wh'}", f"data.source.path={base}", "spark.shuffle_partitions=2"]}
+    conf = {"overrides": [f"warehouse={tmp_path / 'wh'}", f"data.source.path={base}", "spark.shuffle_partitions=2",
+                          *TINY]}
     import pendulum
 
     run = dag.test(logical_date=pendulum.datetime(2026, 11, 27, tz="UTC"), run_conf=conf)
     assert run.state == "success", [(ti.task_id, ti.state) for ti in run.get_task_instances()]
     assert len(read(tmp_path / "wh" / "curated" / "events")) == 15
     assert len(read(tmp_path / "wh" / "splits" / "test")) == 3
+    ids = read(tmp_path / "wh" / "identifiers" / "items")
+    assert len(ids) == 6 and ids["semantic_id"].is_unique and ids["collaborative_id"].is_unique
