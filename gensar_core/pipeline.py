@@ -48,12 +48,20 @@ def step_learn_identifiers(cfg: PipelineConfig) -> dict:
     return run_learn_identifiers(cfg)
 
 
+def step_evaluate(cfg: PipelineConfig) -> dict:
+    """Every method on the test split, both tasks, both protocols -> reports/ (Markdown + plot)."""
+    from gensar_core.evaluate.run import run_evaluate
+
+    return run_evaluate(cfg)
+
+
 STEPS: dict[str, Callable[[PipelineConfig], dict]] = {
     "ingest": step_ingest,
     "split": step_split,
     "embed_semantic": step_embed_semantic,
     "embed_collaborative": step_embed_collaborative,
     "learn_identifiers": step_learn_identifiers,
+    "evaluate": step_evaluate,
 }
 
 

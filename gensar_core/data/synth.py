@@ -8,9 +8,10 @@ stop words and repeats removed. We follow that protocol, seeded:
    number from a 64-bit hash of those values. The choice is a pure function of the row, so it
    does not depend on partitioning or on what else is in the log, and a rerun gives the same log.
 2. Its query is the clicked item's category words (MovieLens: its genres) in catalogue order,
-   followed by `title_terms` words of the item's title (lower-cased, 3+ letters, no stop words,
-   no digits), taken from a position picked by a second hash. Title words make queries
-   discriminative within a category, as real product queries usually are.
+   optionally followed by `title_terms` words of the item's title (lower-cased, 3+ letters, no
+   stop words, no digits), taken from a position picked by a second hash. The default is 0, the
+   benchmark protocol: category words alone, so a query names a set of items and the user's
+   history tells them apart.
 3. The search gets session id `<user>-<ts>`; recommendation events keep a null session.
 """
 from __future__ import annotations

@@ -1,0 +1,58 @@
+"""Baselines, each a `Ranker` (gensar_core.evaluate.ranking), built from one `EvalContext`.
+
+    popularity    train clicks                                   (popularity.py)
+    sasrec        SASRec over the full interleaved sequence      (sasrec.py)
+    bm25          BM25 over item text                            (bm25.py)
+    dense         MiniLM query / history-mean vs item vectors    (dense.py)
+    bm25+sasrec   BM25 top-100 re-ranked with SASRec             (two_stage.py)
+    dense+sasrec  dense top-100 re-ranked with SASRec            (two_stage.py)
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from gensar_core.baselines.bm25 import BM25Ranker
+from gensar_core.baselines.dense import DenseRanker
+from gensar_core.baselines.popularity import PopularityRanker
+from gensar_core.baselines.sasrec import SASRecRanker
+from gensar_core.baselines.two_stage import TwoStageRanker
+
+BASELINES = ("popularity", "sasrec", "bm25", "dense", "bm25+sasrec", "dense+sasrec")
+
+__all__ = ["BASELINES", "build_baselines", "PopularityRanker", "SASRecRanker", "BM25Ranker",
+           "DenseRanker", "TwoStageRanker"]
+
+
+def build_baselines(ctx, names: Optional[Sequence[str]] = None) -> dict:
+    """{name: ranker} for the named baselines (default `evaluate.baselines`), in BASELINES order.
+
+    Rankers share one SASRec / BM25 / dense instance; a missing input (features/sasrec,
+    features/semantic) fails here with the step to run.
+    """
+    names = list(names if names is not None else ctx.cfg.evaluate.baselines)
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; baselines are {list(BASELINES)}")
+    shared: dict = {}
+
+    def get(name):
+        if name not in shared:
+            shared[name] = {"popularity": PopularityRanker, "sasrec": SASRecRanker, "bm25": BM25Ranker,
+                            "dense": DenseRanker}[name](ctx)
+        return shared[name]
+
+    out = {}
+    for name in BASELINES:
+        if name not in names:
+            continue
+        if "+" in name:
+            first, second = name.split("+")
+            out[name] = TwoStageRanker(ctx, get(first), get(second), name=name)
+        else:
+            out[name] = get(name)
+    # load what each needs now, so a missing input fails before any evaluation runs
+    if any(n in names for n in ("sasrec", "bm25+sasrec", "dense+sasrec")):
+        ctx.sasrec
+    if any(n in names for n in ("dense", "dense+sasrec")):
+        ctx.semantic_vectors
+    return out

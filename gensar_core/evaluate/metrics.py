@@ -1,0 +1,77 @@
+"""Ranking metrics over ranked lists, one relevant item per case (leave-one-out evaluation).
+
+Signatures follow the usual style (`microsoft/recommenders`, RecBole): a batch of ranked lists
+of item indexes (best first) and one target per list. With a single relevant item the ideal DCG
+is 1, so NDCG@k is `1 / log2(rank + 2)` when the target sits at 0-based `rank < k`, else 0; HR@k
+is the share of lists holding the target in their first k. A list shorter than k (a ranker that
+returned fewer items) simply has fewer chances; a duplicate item counts at its first position.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["target_ranks", "hit_rate_at_k", "ndcg_at_k", "mrr_at_k", "summarize", "metric_names"]
+
+
+def target_ranks(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int]) -> np.ndarray:
+    """0-based position of each target in its ranked list (first occurrence); -1 when absent."""
+    if len(ranked_lists) != len(targets):
+        raise ValueError(f"{len(ranked_lists)} ranked lists for {len(targets)} targets")
+    out = np.full(len(targets), -1, dtype=np.int64)
+    for i, (ranked, target) in enumerate(zip(ranked_lists, targets)):
+        hits = np.flatnonzero(np.asarray(ranked, dtype=np.int64).reshape(-1) == int(target))
+        if len(hits):
+            out[i] = hits[0]
+    return out
+
+
+def hit_rate_at_k(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int], k: int = 10) -> float:
+    """Share of cases whose target is among the first k items of its list (0.0 for no cases)."""
+    ranks = target_ranks(ranked_lists, targets)
+    if not len(ranks):
+        return 0.0
+    return float(((ranks >= 0) & (ranks < k)).mean())
+
+
+def ndcg_at_k(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int], k: int = 10) -> float:
+    """Mean NDCG@k with one relevant item per case: 1/log2(rank+2) for a hit at rank < k."""
+    ranks = target_ranks(ranked_lists, targets)
+    if not len(ranks):
+        return 0.0
+    hit = (ranks >= 0) & (ranks < k)
+    return float(np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0).mean())
+
+
+def mrr_at_k(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int], k: int = 10) -> float:
+    """Mean reciprocal rank, 0 for a target outside the first k."""
+    ranks = target_ranks(ranked_lists, targets)
+    if not len(ranks):
+        return 0.0
+    hit = (ranks >= 0) & (ranks < k)
+    return float(np.where(hit, 1.0 / (np.maximum(ranks, 0) + 1.0), 0.0).mean())
+
+
+def metric_names(ks: Sequence[int] = (1, 5, 10)) -> list[str]:
+    """`HR@k` for every k, then `NDCG@k` for every k > 1 (NDCG@1 equals HR@1)."""
+    ks = sorted(set(int(k) for k in ks))
+    return [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks if k > 1]
+
+
+def summarize(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int],
+              ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """{HR@1, HR@5, HR@10, NDCG@5, NDCG@10} for the default ks, plus `n` (the number of cases)."""
+    ranks = target_ranks(ranked_lists, targets)
+    out: dict = {}
+    ks = sorted(set(int(k) for k in ks))
+    n = len(ranks)
+    for k in ks:
+        hit = (ranks >= 0) & (ranks < k)
+        out[f"HR@{k}"] = float(hit.mean()) if n else 0.0
+    for k in ks:
+        if k > 1:
+            hit = (ranks >= 0) & (ranks < k)
+            out[f"NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0).mean()) if n else 0.0
+    out["n"] = int(n)
+    return out

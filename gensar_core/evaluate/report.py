@@ -1,0 +1,173 @@
+"""The evaluation report of one run: report.md, metrics.json and tradeoff.png.
+
+Written under `<warehouse>/reports/<name>/` in one atomic swap (a failed write leaves the previous
+report whole). `results` is what `run_evaluate` builds:
+
+    {"methods": {method: {protocol: {task: metrics | None}}},
+     "descriptions": {method: str}, "info": {method: dict}, "meta": {...}}
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from gensar_core.config import PipelineConfig
+from gensar_core.evaluate.metrics import metric_names
+from gensar_core.evaluate.protocols import PROTOCOL_LABELS, PROTOCOLS, TASKS
+from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+TASK_LABELS = {"rec": "Recommendation", "search": "Search"}
+TASK_SHORT = {"rec": "Rec", "search": "Search"}
+FILES = ("report.md", "metrics.json", "tradeoff.png")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def markdown_table(results: dict, protocol: str, ks: Sequence[int] = (1, 5, 10)) -> str:
+    """One row per method; HR/NDCG columns for recommendation, then for search."""
+    names = metric_names(ks)
+    header = ["Method"] + [f"{TASK_SHORT[t]} {m}" for t in TASKS for m in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, by_protocol in results["methods"].items():
+        cells = [method]
+        for task in TASKS:
+            metrics = (by_protocol.get(protocol) or {}).get(task)
+            cells += [_fmt(metrics.get(m) if metrics else None) for m in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(results: dict) -> str:
+    meta = results.get("meta", {})
+    ks = meta.get("ks", (1, 5, 10))
+    protocols = [p for p in PROTOCOLS if p in meta.get("protocols", PROTOCOLS)]
+    cases = meta.get("cases", {})
+    out = [f"# Evaluation report: {meta.get('name', '')}", ""]
+    out.append(f"Split **{meta.get('split', '?')}** of `{meta.get('warehouse', '')}`; "
+               f"{meta.get('items', '?')} items; cases: "
+               + ", ".join(f"{TASK_LABELS[t].lower()} {cases.get(t, '?')}" for t in TASKS)
+               + f"; seed {meta.get('seed', '?')}; config {meta.get('config', '?')}.")
+    out.append("")
+    out.append("**History exclusion.** In full-catalogue ranking every item is a candidate except the "
+               "items of the user's earlier splits (train, plus valid when evaluating test), which are "
+               "removed from the ranking; a target among them counts as a miss.")
+    out.append("")
+    for protocol in protocols:
+        title = PROTOCOL_LABELS[protocol]
+        if protocol == "sampled":
+            title = title.replace("100", str(meta.get("num_candidates", 100)))
+        out += [f"## {title}", ""]
+        if protocol == "sampled":
+            n = meta.get("num_candidates", 100) - 1
+            out += [f"The paper's protocol: recommendation cases rank the "
+                    f"target among {n} negatives sampled in proportion to train popularity (never a history "
+                    f"item); search cases among the {n} items BM25 ranks highest for the query (hard "
+                    f"negatives). Re-ranking a short list, not retrieval, so not comparable with the full-ranking "
+                    f"numbers above (for recommendation it gives several times higher ones).", ""]
+        out += [markdown_table(results, protocol, ks), ""]
+    out += ["## Methods", ""]
+    for method, text in results.get("descriptions", {}).items():
+        info = results.get("info", {}).get(method) or {}
+        extra = "; ".join(f"{k}: {v}" for k, v in info.items() if not isinstance(v, dict))
+        out.append(f"- **{method}**: {text}" + (f" ({extra})" if extra else ""))
+    out += ["", "n/a: the method does not handle that task. Trade-off plot: `tradeoff.png` "
+            "(NDCG@10, full-catalogue ranking).", ""]
+    return "\n".join(out)
+
+
+def plot_tradeoff(results: dict, path: Path, protocol: str = "full", metric: str = "NDCG@10") -> Path:
+    """Search quality (y) against recommendation quality (x), one labelled point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    points: dict[tuple, list] = {}  # methods at the same spot share one point and one label
+    for method, by_protocol in results["methods"].items():
+        rec = (by_protocol.get(protocol) or {}).get("rec")
+        search = (by_protocol.get(protocol) or {}).get("search")
+        x = rec.get(metric) if rec else None
+        y = search.get(metric) if search else None
+        if x is None and y is None:
+            continue
+        # a method without one task sits on that axis, hollow
+        hollow = x is None or y is None
+        key = (round(x or 0.0, 4), round(y or 0.0, 4), hollow)
+        points.setdefault(key, []).append(method)
+    xs, ys = [k[0] for k in points] or [0.0], [k[1] for k in points] or [0.0]
+    span_x, span_y = max(xs + [1e-3]), max(ys + [1e-3])
+    placed: list[tuple] = []
+    offsets = [(5, 4, "left"), (5, -11, "left"), (-5, 4, "right"), (-5, -11, "right")]
+    for (x, y, hollow), names in points.items():
+        ax.scatter([x], [y], s=50, color="none" if hollow else "C0", edgecolors="C0")
+        near = sum(1 for px, py in placed if abs(px - x) < 0.05 * span_x and abs(py - y) < 0.05 * span_y)
+        dx, dy, ha = offsets[near % len(offsets)]
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8, ha=ha)
+        placed.append((x, y))
+    # each axis from 0 to its own best (search and recommendation numbers differ in scale);
+    # the room on the right keeps the labels inside
+    ax.set_xlim(0, max(xs + [1e-3]) * 1.3)
+    ax.set_ylim(0, max(ys + [1e-3]) * 1.15)
+    label = "full-catalogue ranking" if protocol == "full" else "paper protocol (100 candidates)"
+    ax.set_xlabel(f"Recommendation {metric}")
+    ax.set_ylabel(f"Search {metric}")
+    ax.set_title(f"Search vs recommendation, {label}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report_dir(cfg: PipelineConfig, name: str) -> Path:
+    return Warehouse(cfg.warehouse).path("reports", name)
+
+
+def write_report(cfg: PipelineConfig, results: dict, name: str) -> dict:
+    """Write report.md, metrics.json and tradeoff.png to `<warehouse>/reports/<name>/` in one
+    swap; returns {'dir': ..., 'report.md': ..., 'metrics.json': ..., 'tradeoff.png': ...}."""
+    target = report_dir(cfg, name)
+    with atomic_dir(target) as stage:
+        (stage / "report.md").write_text(markdown_report(results))
+        write_json_atomic(stage / "metrics.json", json.loads(json.dumps(results, default=str)))
+        plot_tradeoff(results, stage / "tradeoff.png")
+    return {"dir": str(target), **{f: str(target / f) for f in FILES}}
+
+
+def flat_metrics(results: dict) -> dict[str, float]:
+    """{'<method>/<protocol>/<task>/<metric>': value} for MLflow."""
+    out = {}
+    for method, by_protocol in results["methods"].items():
+        for protocol, by_task in by_protocol.items():
+            for task, metrics in (by_task or {}).items():
+                for key, value in (metrics or {}).items():
+                    if isinstance(value, (int, float)) and key not in ("seconds",):
+                        out[f"eval/{method}/{protocol}/{task}/{key}"] = value
+    return out
+
+
+def log_to_mlflow(cfg: PipelineConfig, results: dict, paths: dict, run_name: Optional[str] = None) -> Optional[str]:
+    """Log the metrics and the report folder to MLflow through gensar_core.tracking, when that module
+    is there; returns the run id, or None when tracking is unavailable or fails (logged, not raised)."""
+    try:
+        from gensar_core import tracking
+    except ImportError:
+        log.info("gensar_core.tracking not available: the report is not logged to MLflow")
+        return None
+    try:
+        tracking.silence_mlflow_warnings() if hasattr(tracking, "silence_mlflow_warnings") else None
+        name = run_name or f"evaluate|{results.get('meta', {}).get('name', '')}"
+        with tracking.start_run(cfg, name, tags={"step": "evaluate"}) as run:
+            tracking.log_metrics(flat_metrics(results))
+            tracking.log_artifact(paths["dir"], "report")
+            return run.info.run_id
+    except Exception as e:  # tracking must never lose the evaluation itself
+        log.warning("could not log the evaluation to MLflow: %s", e)
+        return None

@@ -1,0 +1,116 @@
+"""run_evaluate end to end on tiny data: the report files, the table, plugged-in rankers, MLflow."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gensar_core.baselines import BASELINES
+from gensar_core.config import PipelineConfig
+from gensar_core.evaluate import run_evaluate
+from gensar_core.evaluate.context import EvalContext
+from gensar_core.evaluate.report import markdown_table
+from gensar_core.evaluate.synthetic import hash_encoder, write_synthetic_warehouse
+
+DIM = 32
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_report")
+    write_synthetic_warehouse(root, n_items=120, n_users=24, semantic_dim=DIM, sasrec=True, sasrec_epochs=1)
+    return root
+
+
+def config(root, **evaluate):
+    return PipelineConfig(warehouse=root, evaluate={"log_mlflow": False, "blend_alpha": 0.5, **evaluate})
+
+
+class Oracle:
+    description = "returns the target (a stand-in for a plugged-in model)"
+
+    def rank(self, cases, task, k, candidates=None):
+        return [np.array([t]) for t in cases["target"]]
+
+
+class RecOnly:
+    def rank(self, cases, task, k, candidates=None):
+        if task == "search":
+            raise NotImplementedError
+        return [np.arange(k)] * len(cases)
+
+
+def test_report_files_table_and_plugged_in_rankers(root):
+    cfg = config(root)
+    ctx = EvalContext(cfg, query_encoder=hash_encoder(DIM))
+    out = run_evaluate(cfg, {"oracle": Oracle(), "rec-only": RecOnly()}, ctx=ctx)
+    folder = root / "reports" / "eval-test"
+    assert out["report"]["dir"] == str(folder)
+    for name in ("report.md", "metrics.json", "tradeoff.png"):
+        assert (folder / name).is_file() and out["report"][name] == str(folder / name)
+    assert (folder / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    md = (folder / "report.md").read_text()
+    methods = list(BASELINES) + ["oracle", "rec-only"]
+    for protocol_title in ("Full-catalogue ranking", "target among 100 candidates"):
+        assert protocol_title in md
+    assert "excluded" in md  # the history exclusion is stated
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    for task in ("Rec", "Search"):
+        for metric in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"):
+            assert f"{task} {metric}" in header
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
+    assert len(rows) == 2 * len(methods)  # one table per protocol
+    for m in methods:
+        assert sum(1 for r in rows if r.startswith(f"| {m} |")) == 2
+    oracle_row = next(r for r in rows if r.startswith("| oracle |"))
+    assert oracle_row.count("1.0000") == 10
+    assert "n/a" in next(r for r in rows if r.startswith("| rec-only |"))
+
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert set(saved["methods"]) == set(methods)
+    assert saved["methods"]["oracle"]["sampled"]["search"]["HR@1"] == 1.0
+    assert saved["meta"]["cases"] == out["cases"] and out["cases"]["rec"] > 0 and out["cases"]["search"] > 0
+    assert saved["info"]["bm25+sasrec"]["alpha"] == 0.5
+
+    # a rerun swaps the folder whole, leaving no staging or backup folders behind
+    run_evaluate(config(root, baselines=["popularity"]), ctx=EvalContext(config(root, baselines=["popularity"])))
+    assert sorted(p.name for p in (root / "reports").iterdir()) == ["eval-test"]
+    assert set(json.loads((folder / "metrics.json").read_text())["methods"]) == {"popularity"}
+
+
+def test_extra_ranker_checks(root):
+    cfg = config(root, baselines=["popularity"], report_name="checks")
+    with pytest.raises(ValueError, match="baseline"):
+        run_evaluate(cfg, {"popularity": Oracle()})
+    with pytest.raises(TypeError, match="rank"):
+        run_evaluate(cfg, {"broken": object()})
+
+
+def test_markdown_table_marks_missing_tasks():
+    results = {"methods": {"a": {"full": {"rec": {"HR@1": 0.5, "HR@5": 1, "HR@10": 1, "NDCG@5": 0.7,
+                                                  "NDCG@10": 0.7}, "search": None}}}}
+    table = markdown_table(results, "full")
+    assert table.splitlines()[2] == "| a | 0.5000 | 1.0000 | 1.0000 | 0.7000 | 0.7000 | n/a | n/a | n/a | n/a | n/a |"
+
+
+def test_logs_to_mlflow_when_tracking_exists(root, tmp_path, monkeypatch):
+    tracking = pytest.importorskip("gensar_core.tracking")
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("GENSAR_HOME", str(tmp_path / "home"))
+    cfg = PipelineConfig(warehouse=root, tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                         evaluate={"baselines": ["popularity"], "protocols": ["full"], "report_name": "mlflow",
+                                   "log_mlflow": True})
+    out = run_evaluate(cfg, {"oracle": Oracle()})
+    assert out["mlflow_run_id"]
+    run = tracking.get_run(cfg, out["mlflow_run_id"])
+    assert run.data.metrics["eval/oracle/full/rec/HR_1"] == 1.0
+    assert "report/report.md" in tracking.list_artifacts(cfg, out["mlflow_run_id"])
