@@ -19,6 +19,10 @@ def _print_result(step: str, result: dict) -> None:
         from gensar_core.data.split import format_split
 
         print(format_split(result))
+    elif step == "evaluate" and result.get("report"):
+        from pathlib import Path
+
+        print(Path(result["report"]["report.md"]).read_text())
     else:
         print(json.dumps(result, indent=2, default=str))
 
