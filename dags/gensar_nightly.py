@@ -32,7 +32,15 @@ SPARK_CONN_ID = os.environ.get("GENSAR_SPARK_CONN_ID") or None
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
     params={
-        "config": Param("", type="string", description="pipeline YAML path; empty: the embedded default"),
+        "dataset": Param("default", enum=["default", "amazon", "kuaisar", "generic"],
+                         description="a config under configs/ (ignored when `config` is set)"),
+        "config": Param("", type="string", description="pipeline YAML path; empty: use `dataset`"),
+        "backbone": Param("", enum=["", "t5-scratch", "smollm2", "local"],
+                          description="generative backbone; empty: the config's"),
+        "tasks": Param(["rec", "search", "query", "adhoc", "align"], type="array",
+                       description="training tasks to keep (rec-only / search-only variants and ablations)"),
+        "epochs": Param(0, type="integer", minimum=0, description="training epochs; 0: the config's"),
+        "max_steps": Param(0, type="integer", minimum=0, description="optimizer steps cap; 0: none beyond the config's"),
         "overrides": Param([], type="array", description="config overrides, key.path=value"),
     },
     tags=["gensar"],
@@ -59,12 +67,24 @@ def gensar_nightly():
     def learn_identifiers(params=None, ds=None) -> dict:
         return pipeline.step_learn_identifiers(pipeline.config_for_run(params, ds))
 
+    @task
+    def build_corpus(params=None, ds=None) -> dict:
+        return pipeline.step_build_corpus(pipeline.config_for_run(params, ds))
+
+    @task
+    def train(params=None, ds=None) -> dict:
+        return pipeline.step_train(pipeline.config_for_run(params, ds))
+
+    @task
+    def evaluate(params=None, ds=None) -> dict:
+        return pipeline.step_evaluate(pipeline.config_for_run(params, ds))
+
     curated, splits = ingest(), split()
     semantic, collaborative = embed_semantic(), embed_collaborative()
     identifiers = learn_identifiers()
     curated >> [splits, semantic]
     splits >> collaborative
-    [semantic, collaborative] >> identifiers
+    [semantic, collaborative] >> identifiers >> build_corpus() >> train() >> evaluate()
 
 
 gensar_nightly()

@@ -205,11 +205,19 @@ class IdentifierConfig(_Strict):
     sinkhorn_epsilon: float = Field(0.003, gt=0)
     sinkhorn_iters: int = Field(100, ge=1)
     kmeans_iters: int = Field(20, ge=1)
+    # dead-code restarts: a code no training batch picked for this many epochs in a row is
+    # re-seeded from a current residual at its level (0: never)
+    dead_code_epochs: int = Field(0, ge=0)
+    # ... only during this first share of the epochs, so the last codebooks can settle
+    dead_code_until: float = Field(1.0, ge=0, le=1)
+    # re-run the level-by-level k-means init on the trained encoders' latents after this many
+    # warm-up epochs (0: only the init before the first step)
+    kmeans_reinit_epoch: int = Field(0, ge=0)
     # every `eval_every` epochs the codes' collision rate is measured and the state with the
     # fewest collisions is kept (as the official code does); 0: keep the last state
     eval_every: int = Field(10, ge=0)
     # 'rms': scale each modality to unit mean square so neither reconstruction term dominates
-    input_scaling: Literal["rms", "none"] = "rms"
+    input_scaling: Literal["rms", "std", "none"] = "rms"
     # None: cuda when available, else cpu
     device: Optional[str] = None
 
@@ -356,6 +364,8 @@ class EvaluateConfig(_Strict):
     report_name: Optional[str] = None
     log_mlflow: bool = True
     batch_size: int = Field(512, ge=1)
+    # generative models: constrained beam width (full ranking keeps the beam's items minus history)
+    beam_size: int = Field(20, ge=1)
     seed: Optional[int] = None  # None: the pipeline seed
 
 

@@ -48,11 +48,45 @@ def step_learn_identifiers(cfg: PipelineConfig) -> dict:
     return run_learn_identifiers(cfg)
 
 
+def step_build_corpus(cfg: PipelineConfig) -> dict:
+    """splits + identifiers -> corpus/{task}: the prompts of every enabled training task."""
+    from gensar_core.model.corpus import run_build_corpus
+
+    return run_build_corpus(cfg)
+
+
+def step_train(cfg: PipelineConfig) -> dict:
+    """corpus -> models/<run>/ (safetensors + tokenizer), one MLflow run."""
+    from gensar_core.model.train import run_train
+
+    return run_train(cfg)
+
+
+def generative_rankers(cfg: PipelineConfig) -> dict:
+    """The trained generative model of this config as a Ranker, if `train` has written it."""
+    from gensar_core.model.corpus import enabled_tasks
+    from gensar_core.model.train import trained_model_dir
+    from gensar_core.storage import Warehouse
+
+    model_dir = trained_model_dir(cfg)
+    if not (model_dir / "config.json").exists():
+        log.warning("no trained model at %s: evaluating the baselines only", model_dir)
+        return {}
+    from gensar_core.model.generative_ranker import GenerativeRanker
+
+    tasks = [t for t in ("rec", "search") if t in enabled_tasks(cfg.corpus)]
+    ranker = GenerativeRanker(model_dir, Warehouse(cfg.warehouse).read("identifiers/items"),
+                              beam_size=cfg.evaluate.beam_size, max_rec_history=cfg.corpus.max_rec_history,
+                              max_search_history=cfg.corpus.max_search_history,
+                              max_input_length=cfg.model.max_input_length, tasks=tasks)
+    return {"gensar": ranker}
+
+
 def step_evaluate(cfg: PipelineConfig) -> dict:
     """Every method on the test split, both tasks, both protocols -> reports/ (Markdown + plot)."""
     from gensar_core.evaluate.run import run_evaluate
 
-    return run_evaluate(cfg)
+    return run_evaluate(cfg, extra_rankers=generative_rankers(cfg))
 
 
 STEPS: dict[str, Callable[[PipelineConfig], dict]] = {
@@ -61,6 +95,8 @@ STEPS: dict[str, Callable[[PipelineConfig], dict]] = {
     "embed_semantic": step_embed_semantic,
     "embed_collaborative": step_embed_collaborative,
     "learn_identifiers": step_learn_identifiers,
+    "build_corpus": step_build_corpus,
+    "train": step_train,
     "evaluate": step_evaluate,
 }
 
@@ -80,15 +116,37 @@ def run_steps(cfg: PipelineConfig, names: list[str] | None = None) -> dict[str, 
 
 
 def config_for_run(params: dict | None, ds: str | None = None) -> PipelineConfig:
-    """The config of one scheduled or triggered run: a YAML file + overrides from the run's params.
+    """The config of one scheduled or triggered run, from the DAG's params.
 
-    `params` are the DAG's: `config` (a YAML path, empty for the embedded default) and `overrides`
-    (a list of `key.path=value`). The run date `ds` becomes the config's cut-off date.
+    `config`: a YAML path, or `dataset`: the name of a file under configs/ (empty for both: the
+    embedded default). `backbone`, `tasks` (training tasks to keep), `epochs` and `max_steps`
+    are shortcuts for the model and training budget; `overrides` (`key.path=value` strings) can
+    set anything. The run date `ds` becomes the config's cut-off date.
     """
+    from pathlib import Path
+
     from gensar_core.config import load_config
 
     params = params or {}
-    overrides = list(params.get("overrides") or [])
+    path = params.get("config") or None
+    if not path and params.get("dataset"):
+        path = Path(__file__).resolve().parents[1] / "configs" / f"{params['dataset']}.yaml"
+    overrides = []
+    if params.get("backbone"):
+        overrides.append(f"model.backbone={params['backbone']}")
+    if params.get("tasks"):
+        wanted = set(params["tasks"])
+        unknown = wanted - set(TRAINING_TASKS)
+        if unknown:
+            raise ValueError(f"unknown training task(s) {sorted(unknown)}; tasks are {list(TRAINING_TASKS)}")
+        overrides += [f"corpus.tasks.{t}.enabled={t in wanted}" for t in TRAINING_TASKS]
+    for key, target in (("epochs", "train.epochs"), ("max_steps", "train.max_steps")):
+        if params.get(key):
+            overrides.append(f"{target}={params[key]}")
+    overrides += list(params.get("overrides") or [])
     if ds:
         overrides.append(f"ds={ds}")
-    return load_config(params.get("config") or None, overrides)
+    return load_config(path, overrides)
+
+
+TRAINING_TASKS = ("rec", "search", "query", "adhoc", "align")

@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 # model sizes for a run on a handful of items: every step runs for real, just small
 TINY = ["embed.collaborative.epochs=1", "embed.collaborative.dim=16", "identifiers.epochs=2",
         "identifiers.codebook_size=4", "identifiers.hidden_dims=[32]", "identifiers.latent_dim=4",
-        "identifiers.batch_size=8"]
+        "identifiers.batch_size=8", "model.scratch.d_model=32", "model.scratch.d_ff=64", "model.scratch.d_kv=8",
+        "model.scratch.num_heads=2", "model.scratch.tokenizer_vocab_size=300", "train.batch_size=16",
+        "train.eval_every=0", "train.warmup_steps=2", "evaluate.beam_size=5", "evaluate.num_candidates=5"]
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +38,12 @@ def test_dagbag_imports_without_errors(airflow_home):
     assert "gensar_nightly" in bag.dags
 
 
-def test_nightly_dag_runs_end_to_end(airflow_home, tmp_path):
+def test_nightly_dag_runs_end_to_end(airflow_home, gensar_home, tmp_path):
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["gensar_nightly"]
     base = movielens_files(tmp_path / "ml", extra_events=["1\t1\t3\tbad"])
-    conf = {"overrides": [f"warehouse={tmp_path / 'wh'}", f"data.source.path={base}", "spark.shuffle_partitions=2",
+    conf = {"epochs": 1, "tasks": ["rec", "search", "align"], "overrides": [f"warehouse={tmp_path / 'wh'}", f"data.source.path={base}", "spark.shuffle_partitions=2",
                           *TINY]}
     import pendulum
 
@@ -51,3 +53,6 @@ def test_nightly_dag_runs_end_to_end(airflow_home, tmp_path):
     assert len(read(tmp_path / "wh" / "splits" / "test")) == 3
     ids = read(tmp_path / "wh" / "identifiers" / "items")
     assert len(ids) == 6 and ids["semantic_id"].is_unique and ids["collaborative_id"].is_unique
+    assert (tmp_path / "wh" / "models" / "t5-scratch__rec+search+align" / "model.safetensors").exists()
+    report = (tmp_path / "wh" / "reports" / "eval-test-2026-11-27" / "report.md").read_text()
+    assert "gensar" in report and "sasrec" in report

@@ -1,0 +1,127 @@
+"""A trained generative model as a Ranker: prompt -> constrained beam search -> items.
+
+Recommendation decodes collaborative IDs after a forced `<rec_item>`, search decodes semantic IDs
+after a forced `<src_item>`: the same split of needs the model was trained on. Prompts are
+template 0 of the task, exactly as validation examples were written.
+
+Full-catalogue ranking decodes `beam_size` items over every valid ID and drops the case's
+`exclude` items (the user's history) afterwards, so a model that keeps generating items the
+user already saw returns fewer than k and is charged for it. With candidates (the paper's
+100-candidate protocol) the prefix index is built from each case's candidates only.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gensar_core.model.backbone import load_trained
+from gensar_core.model.data import encode_prompts
+from gensar_core.model.decode import constrained_beam_search
+from gensar_core.model.prefix_index import PrefixIndex
+from gensar_core.model.prompts import ItemIds, fill, render_history, templates
+from gensar_core.model.vocab import REC_ITEM, SRC_ITEM
+
+log = logging.getLogger(__name__)
+
+TARGET_ID = {"rec": ("collaborative_id", REC_ITEM), "search": ("semantic_id", SRC_ITEM)}
+
+
+class GenerativeRanker:
+    """Ranks items for 'rec' and 'search' cases with a model folder written by `run_train`."""
+
+    def __init__(self, model_dir: str | Path, identifiers: pd.DataFrame, *, beam_size: int = 20,
+                 batch_size: int = 16, max_rec_history: int = 5, max_search_history: int = 5,
+                 max_input_length: int = 192, device: Optional[str] = None, name: str = "gensar",
+                 tasks: Sequence[str] = ("rec", "search")):
+        self.backbone = load_trained(model_dir, device=device)
+        self.model, self.tokenizer, self.kind = self.backbone.model, self.backbone.tokenizer, self.backbone.kind
+        self.device = next(self.model.parameters()).device
+        self.beam_size, self.batch_size = beam_size, batch_size
+        self.max_rec, self.max_search, self.max_input = max_rec_history, max_search_history, max_input_length
+        self.name, self.tasks = name, tuple(tasks)
+        self.description = f"generative model {Path(model_dir).name}, constrained beam {beam_size}"
+        ids = identifiers.sort_values("item_idx").reset_index(drop=True)
+        self.item_idx = ids["item_idx"].to_numpy(np.int64)
+        self.item_ids = {str(r.item_id): ItemIds(r.semantic_id, r.collaborative_id) for r in ids.itertuples()}
+        self.sequences, self.index, self.prefix = {}, {}, {}
+        for task, (column, behaviour) in TARGET_ID.items():
+            full = PrefixIndex.from_identifiers(ids[column].tolist(), self.tokenizer, item_ids=self.item_idx)
+            self.index[task] = full.to(self.device)
+            self.sequences[task] = full_sequences(ids[column].tolist(), self.tokenizer)
+            self.prefix[task] = torch.tensor(self.tokenizer.convert_tokens_to_ids([behaviour]), device=self.device)
+        self._row_of = {int(i): r for r, i in enumerate(self.item_idx)}
+
+    # ------------------------------------------------------------------ prompts
+    def prompts(self, cases: pd.DataFrame, task: str) -> list[str]:
+        template = templates(task)[0]
+        out = []
+        for history, query in zip(cases["history"], cases["query"] if "query" in cases else [None] * len(cases)):
+            text = render_history(list(history) if history is not None else [], self.item_ids,
+                                  self.max_rec, self.max_search)
+            out.append(fill(template, history=text, query=(query or "").strip()))
+        return out
+
+    def _batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = encode_prompts(self.tokenizer, self.kind, prompts, self.max_input)
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, x in enumerate(ids):
+            # decoder-only prompts are left-padded so every prompt ends where generation starts
+            cols = slice(width - len(x), width) if self.kind == "causal" else slice(0, len(x))
+            input_ids[r, cols] = torch.tensor(x)
+            mask[r, cols] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------ ranking
+    @torch.inference_mode()
+    def decode(self, prompts: list[str], task: str, beam: int, top_k: int,
+               index: Optional[PrefixIndex] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(items [B, top_k], scores [B, top_k]) for prompts of one task, item -1 where none."""
+        index = index if index is not None else self.index[task]
+        items, scores = [], []
+        for start in range(0, len(prompts), self.batch_size):
+            input_ids, mask = self._batch(prompts[start:start + self.batch_size])
+            it, sc = constrained_beam_search(self.model, input_ids, mask, index, beam_size=beam,
+                                             top_k=top_k, prefix_tokens=self.prefix[task])
+            items.append(it.cpu().numpy())
+            scores.append(sc.float().cpu().numpy())
+        return np.concatenate(items), np.concatenate(scores)
+
+    def rank(self, cases: pd.DataFrame, task: str, k: int,
+             candidates: Optional[Sequence[np.ndarray]] = None) -> list[np.ndarray]:
+        if task not in self.tasks:
+            raise NotImplementedError(f"{self.name} is not trained for {task}")
+        prompts = self.prompts(cases, task)
+        if candidates is None:
+            beam = max(self.beam_size, k)
+            items, _ = self.decode(prompts, task, beam, beam)
+            exclude = cases["exclude"] if "exclude" in cases else [()] * len(cases)
+            out = []
+            for row, ex in zip(items, exclude):
+                banned = set(np.asarray(ex, dtype=np.int64).tolist())
+                out.append(np.asarray([i for i in row if i >= 0 and i not in banned][:k], dtype=np.int64))
+            return out
+        out = []
+        for prompt, cand in zip(prompts, candidates):
+            cand = np.asarray(cand, dtype=np.int64)
+            rows = [self._row_of[int(i)] for i in cand]
+            index = PrefixIndex.from_sequences(self.sequences[task][rows], item_ids=cand).to(self.device)
+            beam = min(max(self.beam_size, k), len(cand))
+            items, _ = self.decode([prompt], task, beam, min(k, beam), index=index)
+            out.append(items[0][items[0] >= 0])
+        return out
+
+
+def full_sequences(identifiers: Sequence[str], tokenizer) -> torch.Tensor:
+    """Token ids [N, L] of each ID string (no behaviour token), in the given order."""
+    from gensar_core.identifiers.naming import parse_id
+
+    rows = [tokenizer.convert_tokens_to_ids([f"<{l}_{c}>" for l, c in parse_id(i)]) for i in identifiers]
+    return torch.tensor(rows, dtype=torch.long)

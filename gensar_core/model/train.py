@@ -1,0 +1,619 @@
+"""The `train` step: a plain PyTorch loop (nanoGPT-like) over the corpus, for every backbone.
+
+    run_train(cfg) -> dict      reads corpus/{task}, writes models/<run>/ (atomic), logs to MLflow
+
+What the loop does, in order:
+- seeds everything from `train.seed` (default the pipeline seed); the example order of each epoch
+  is a pure function of (seed, epoch): tasks are mixed by `corpus.tasks.<task>.weight` (examples
+  per epoch as a multiple of the task's size), then shuffled;
+- micro-batches of `train.batch_size`, `train.grad_accum` of them per optimizer step (AdamW,
+  gradient clipping, warmup then cosine/linear decay), bf16/fp16 autocast on a GPU;
+- validation every `train.eval_every` steps and after each epoch: token-weighted loss on the
+  validation examples (overall and per task) plus whatever the `evaluators` return; early
+  stopping on `train.metric` (`train.patience` evaluations without improvement); the best
+  weights are what the step writes at the end;
+- a checkpoint every `train.save_every` steps and after each epoch under
+  `<warehouse>/checkpoints/<run>/step-XXXXXXXX/`: model.safetensors, optimizer.pt, scheduler.pt,
+  rng.pt (plain tensors and dicts: `torch.load(weights_only=True)` reads them), trainer_state.json,
+  the tokenizer. A rerun of the same config resumes from the last one (the MLflow run too), and
+  ends with the same weights as a run that never stopped (on CPU; GPU kernels may differ in the
+  last bits). A run with a different config or corpus starts over. The folder is removed once the
+  final model is committed.
+- multi-GPU: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DDP, each rank takes every
+  WORLD_SIZE-th micro-batch, and rank 0 alone writes checkpoints, the model and MLflow records.
+
+Evaluators (the hook for a decoder's ranking metrics): callables `fn(ctx: EvalContext) -> dict`,
+passed to `run_train(cfg, evaluators=[...])` or named in `train.evaluators` as
+'package.module:function'. Their keys (e.g. 'valid/rec/ndcg@5') can be the early-stopping metric.
+Callbacks `fn(event, state)` see every optimizer step ('step'), evaluation ('eval') and
+checkpoint ('checkpoint'); an exception raised there stops training like a crash would.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from gensar_core import tracking
+from gensar_core.config import PipelineConfig
+from gensar_core.model.backbone import Backbone, backbone_label, load_backbone, save_trained
+from gensar_core.model.corpus import enabled_tasks, read_corpus
+from gensar_core.model.data import Encoded, collate, encode_examples, n_target_tokens
+from gensar_core.storage import Warehouse, atomic_dir, resolve, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+# settings that do not change the trained weights: a rerun that changes only these resumes
+_NO_EFFECT = {"progress", "log_every", "resume", "num_threads", "device", "keep_checkpoints", "run_name"}
+
+
+# ---------------------------------------------------------------- public types
+@dataclass
+class TrainState:
+    step: int = 0                 # optimizer steps done
+    epoch: int = 0                # epoch in progress
+    micro: int = 0                # micro-batches of this epoch already used (this rank)
+    tokens: int = 0               # non-padding tokens seen (all ranks)
+    best_metric: Optional[float] = None
+    best_step: int = -1
+    bad_evals: int = 0
+    stopped_early: bool = False
+    last_loss: Optional[float] = None
+    evals: list = field(default_factory=list)
+    mlflow_run_id: Optional[str] = None
+    fingerprint: str = ""
+
+
+@dataclass
+class EvalContext:
+    """What an evaluator gets: the model in eval mode, its tokenizer and kind, and the config."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    kind: str
+    cfg: PipelineConfig
+    step: int
+    device: torch.device
+    valid: pd.DataFrame           # the validation examples (corpus rows)
+    backbone: Backbone
+
+
+Evaluator = Callable[[EvalContext], dict]
+Callback = Callable[[str, TrainState], None]
+
+
+# ---------------------------------------------------------------- small pieces
+def run_name(cfg: PipelineConfig, tasks: Sequence[str], label: str) -> str:
+    return cfg.train.run_name or f"{label}|{'+'.join(tasks)}"
+
+
+def run_slug(name: str) -> str:
+    """A folder name for a run name: `t5-scratch|rec+search` -> `t5-scratch__rec+search`."""
+    slug = re.sub(r"[^A-Za-z0-9._+=-]+", "__", name).strip("_.")
+    return slug or "run"
+
+
+def trained_model_dir(cfg: PipelineConfig) -> Path:
+    """Where `run_train` writes (and later steps find) the model of this config."""
+    from gensar_core.model.backbone import backbone_label
+    from gensar_core.model.corpus import enabled_tasks
+
+    name = run_name(cfg, enabled_tasks(cfg.corpus), backbone_label(cfg.model))
+    return Path(cfg.warehouse) / "models" / run_slug(name)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def epoch_order(task_index: dict[str, np.ndarray], weights: dict[str, float], seed: int, epoch: int) -> np.ndarray:
+    """Example indices of one epoch: each task drawn `weight` x its size, then shuffled."""
+    rng = np.random.default_rng([seed, 1_000_003, epoch])
+    parts = []
+    for task in sorted(task_index):
+        idx, w = task_index[task], weights.get(task, 1.0)
+        count = int(round(w * len(idx)))
+        whole, rest = divmod(count, len(idx)) if len(idx) else (0, 0)
+        parts += [idx] * whole
+        if rest:
+            parts.append(np.sort(rng.choice(idx, size=rest, replace=False)))
+    order = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return order[rng.permutation(len(order))]
+
+
+def _device(tcfg, local_rank: int) -> torch.device:
+    if tcfg.device:
+        return torch.device(tcfg.device)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device("cpu")
+
+
+def _precision(tcfg, device: torch.device) -> Optional[torch.dtype]:
+    mode = tcfg.mixed_precision
+    if device.type != "cuda" or mode == "no":
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def _load_evaluator(spec: str) -> Evaluator:
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"evaluator {spec!r} must look like 'package.module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
+def train_fingerprint(cfg: PipelineConfig, corpus_hash: str) -> str:
+    tcfg = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NO_EFFECT}
+    blob = json.dumps({"train": tcfg, "model": cfg.model.model_dump(mode="json"),
+                       "corpus": cfg.corpus.model_dump(mode="json"), "corpus_hash": corpus_hash,
+                       "identifiers": cfg.identifiers.model_dump(mode="json"), "seed": cfg.seed},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, values: list[float], device) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _dist_setup(device_hint: Optional[str]) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and (device_hint is None or device_hint.startswith("cuda"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(world=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank)
+
+
+# ---------------------------------------------------------------- checkpoints
+def _checkpoints(root: Path) -> list[Path]:
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if re.fullmatch(r"step-\d{8}", p.name) and (p / STATE_FILE).exists())
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()]) if torch.cuda.device_count() else None
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, scaler, tokenizer, keep: int) -> Path:
+    from safetensors.torch import save_model
+
+    target = root / f"step-{state.step:08d}"
+    with atomic_dir(target) as stage:
+        save_model(model, str(stage / "model.safetensors"))
+        torch.save(optimizer.state_dict(), stage / "optimizer.pt")
+        torch.save(scheduler.state_dict(), stage / "scheduler.pt")
+        torch.save(_rng_state(), stage / "rng.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), stage / "scaler.pt")
+        tokenizer.save_pretrained(stage / "tokenizer")
+        (stage / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
+    for old in _checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, device) -> TrainState:
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "model.safetensors"), device=str(device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if scaler is not None and (path / "scaler.pt").exists():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def validation_loss(model, enc: Encoded, tasks: Sequence[str], pad_id: int, kind: str, batch_size: int,
+                    device, autocast, dist: Dist) -> dict[str, float]:
+    """Token-weighted loss over the validation examples, overall and per task."""
+    model.eval()
+    sums: dict[str, list[float]] = {}
+    tasks = np.asarray(tasks)
+    for task in sorted(set(tasks.tolist())):
+        idx = np.flatnonzero(tasks == task)[dist.rank::dist.world]
+        loss_sum, n_tok = 0.0, 0
+        for i in range(0, len(idx), batch_size):
+            batch = {k: v.to(device) for k, v in collate(enc, idx[i: i + batch_size], pad_id, kind).items()}
+            n = n_target_tokens(batch)
+            with autocast():
+                loss = model(**batch).loss
+            loss_sum += float(loss) * n
+            n_tok += n
+        sums[task] = [loss_sum, n_tok]
+    keys = sorted(sums)
+    flat = dist.sum([x for k in keys for x in sums[k]], device)
+    out, total, tokens = {}, 0.0, 0
+    for j, k in enumerate(keys):
+        s, n = flat[2 * j], flat[2 * j + 1]
+        if n:
+            out[f"valid/{k}/loss"] = s / n
+        total, tokens = total + s, tokens + n
+    if tokens:
+        out["valid/loss"] = total / tokens
+    model.train()
+    return out
+
+
+# ---------------------------------------------------------------- the step
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
+              callbacks: Sequence[Callback] = ()) -> dict:
+    """corpus -> models/<run>/ (weights + tokenizer + gensar_model.json), logged to MLflow."""
+    t_start = time.perf_counter()
+    tcfg, mcfg = cfg.train, cfg.model
+    seed = cfg.seed if tcfg.seed is None else tcfg.seed
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    dist = _dist_setup(tcfg.device)
+    device = _device(tcfg, dist.local_rank)
+    amp_dtype = _precision(tcfg, device)
+    evaluators = list(evaluators) + [_load_evaluator(s) for s in tcfg.evaluators]
+    track = dist.main and cfg.tracking.enabled  # rank 0 alone talks to MLflow
+    if track:
+        tracking.silence_mlflow_warnings()
+
+    # ---- data
+    tasks = enabled_tasks(cfg.corpus)
+    corpus, manifest = read_corpus(cfg, tasks)
+    train_df = corpus[corpus["split"] == "train"].reset_index(drop=True)
+    valid_df = corpus[corpus["split"] == "valid"]
+    if tcfg.max_valid_examples and len(valid_df) > tcfg.max_valid_examples:
+        valid_df = valid_df.sample(n=tcfg.max_valid_examples, random_state=seed).sort_index()
+    valid_df = valid_df.reset_index(drop=True)
+    if train_df.empty:
+        raise ValueError(f"the corpus has no training examples for tasks {tasks}")
+    fingerprint = train_fingerprint(cfg, manifest["content_hash"])
+
+    # ---- where things go; is there a checkpoint to resume?
+    wh = Warehouse(cfg.warehouse)
+    name = run_name(cfg, tasks, backbone_label(mcfg))
+    slug = run_slug(name)
+    ckpt_root = wh.path("checkpoints", slug)
+    last = None
+    if tcfg.resume:
+        found = _checkpoints(ckpt_root)
+        if found:
+            saved = json.loads((found[-1] / STATE_FILE).read_text())
+            if saved.get("fingerprint") == fingerprint:
+                last = found[-1]
+            elif dist.main:
+                log.warning("checkpoints under %s are of another config or corpus: starting over", ckpt_root)
+    if last is None and dist.main and ckpt_root.exists():
+        shutil.rmtree(ckpt_root)
+    dist.barrier()
+
+    # ---- model
+    from transformers import AutoTokenizer
+
+    saved_tokenizer = AutoTokenizer.from_pretrained(str(last / "tokenizer")) if last is not None else None
+    texts = pd.concat([train_df["input_text"], train_df["target_text"]]) if mcfg.backbone == "t5-scratch" else None
+    backbone = load_backbone(cfg, corpus_texts=texts, tokenizer=saved_tokenizer, seed=seed)
+    tokenizer, kind = backbone.tokenizer, backbone.kind
+    pad_id = tokenizer.pad_token_id
+    model = backbone.model.to(device)
+    model.train()
+
+    enc_train = encode_examples(tokenizer, kind, train_df["input_text"].tolist(), train_df["target_text"].tolist(),
+                                mcfg.max_input_length, mcfg.max_target_length)
+    enc_valid = encode_examples(tokenizer, kind, valid_df["input_text"].tolist(), valid_df["target_text"].tolist(),
+                                mcfg.max_input_length, mcfg.max_target_length)
+    task_index = {t: np.flatnonzero(train_df["task"].to_numpy() == t) for t in tasks}
+    task_index = {t: i for t, i in task_index.items() if len(i)}
+    weights = {t: getattr(cfg.corpus.tasks, t).weight for t in tasks}
+    # tokens a step processes: encoder + decoder tokens (seq2seq) or sequence tokens (causal)
+    lengths = np.array([len(x) for x in enc_train.input_ids], dtype=np.int64)
+    if kind == "seq2seq":
+        lengths += np.array([len(x) for x in enc_train.labels], dtype=np.int64)
+    n_targets = np.array([int((x != -100).sum()) for x in enc_train.labels], dtype=np.int64)
+
+    # ---- steps
+    per_epoch = len(epoch_order(task_index, weights, seed, 0))
+    micro_per_epoch = math.ceil(per_epoch / tcfg.batch_size) // dist.world
+    if micro_per_epoch == 0:
+        raise ValueError(f"{per_epoch} examples per epoch make no batch of {tcfg.batch_size} on {dist.world} ranks")
+    steps_per_epoch = math.ceil(micro_per_epoch / tcfg.grad_accum)
+    total_steps = steps_per_epoch * tcfg.epochs
+    if tcfg.max_steps:
+        total_steps = min(total_steps, tcfg.max_steps)
+
+    optimizer = torch.optim.AdamW(_param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(0.9, 0.98), eps=1e-8,
+                                  fused=device.type == "cuda")
+    warmup = min(tcfg.warmup_steps, max(0, total_steps - 1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, tcfg.schedule, tcfg.min_lr_ratio))
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    torch.manual_seed(seed + dist.rank)
+    state = TrainState(fingerprint=fingerprint)
+    if last is not None:
+        state = load_checkpoint(last, model, optimizer, scheduler, scaler, device)
+        log.info("resuming %s from %s (step %d)", name, last.name, state.step)
+    resumed_from = state.step if last is not None else None
+
+    ddp_model = model
+    if dist.world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+    best_dir = ckpt_root / "best"
+
+    def evaluate() -> dict:
+        metrics = validation_loss(model, enc_valid, valid_df["task"].tolist(), pad_id, kind,
+                                  tcfg.batch_size, device, autocast, dist) if len(valid_df) else {}
+        if evaluators and dist.main:
+            model.eval()
+            ctx = EvalContext(model=model, tokenizer=tokenizer, kind=kind, cfg=cfg, step=state.step,
+                              device=device, valid=valid_df, backbone=backbone)
+            for fn in evaluators:
+                metrics.update(fn(ctx) or {})
+            model.train()
+        metrics = dist.broadcast(metrics)
+        if not metrics:
+            return metrics
+        if tcfg.metric not in metrics:
+            raise KeyError(f"train.metric {tcfg.metric!r} is not among the validation metrics {sorted(metrics)}")
+        value = float(metrics[tcfg.metric])
+        better = state.best_metric is None or (value < state.best_metric if tcfg.metric_mode == "min"
+                                               else value > state.best_metric)
+        if better:
+            state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+            if dist.main:
+                from safetensors.torch import save_model
+
+                with atomic_dir(best_dir) as stage:
+                    save_model(model, str(stage / "model.safetensors"))
+                    (stage / "step.json").write_text(json.dumps({"step": state.step, "metric": value}))
+        else:
+            state.bad_evals += 1
+        state.evals.append({"step": state.step, **{k: float(v) for k, v in metrics.items()}})
+        if track:
+            tracking.log_metrics({**metrics, "valid/best": state.best_metric}, step=state.step)
+        if tcfg.patience and state.bad_evals >= tcfg.patience:
+            state.stopped_early = True
+        for cb in callbacks:
+            cb("eval", state)
+        return metrics
+
+    def checkpoint() -> None:
+        if dist.main:
+            save_checkpoint(ckpt_root, state, model, optimizer, scheduler, scaler, tokenizer, tcfg.keep_checkpoints)
+        dist.barrier()
+        for cb in callbacks:
+            cb("checkpoint", state)
+
+    # ---- MLflow (rank 0); a resumed run continues its MLflow run
+    tags = {"gensar.step": "train", "gensar.backbone": backbone.label, "gensar.tasks": "+".join(tasks),
+            "gensar.kind": kind}
+    run_ctx = tracking.start_run(cfg, name, tags, run_id=state.mlflow_run_id) if track else contextlib.nullcontext()
+    t_loop = time.perf_counter()
+    tokens_at_start = state.tokens
+    new_run = state.mlflow_run_id is None
+    with run_ctx as run:
+        if track:
+            state.mlflow_run_id = run.info.run_id
+            if new_run:
+                tracking.log_params_from_config(cfg)
+                tracking.log_params({"derived.run_name": name, "derived.total_steps": total_steps,
+                                     "derived.steps_per_epoch": steps_per_epoch, "derived.train_examples": len(train_df),
+                                     "derived.valid_examples": len(valid_df), "derived.world_size": dist.world,
+                                     "derived.device": device.type, "derived.kind": kind,
+                                     "derived.parameters": sum(p.numel() for p in model.parameters()),
+                                     "derived.trainable_parameters": sum(p.numel() for p in model.parameters()
+                                                                         if p.requires_grad)})
+            if resumed_from is not None:
+                tracking.set_tags({"gensar.resumed_from_step": resumed_from})
+        bar = tqdm(total=total_steps, initial=state.step, desc=f"train {name}",
+                   disable=not (tcfg.progress and dist.main), dynamic_ncols=True)
+        window_loss, window_n, window_tok, window_t = 0.0, 0, 0, time.perf_counter()
+        try:
+            while state.step < total_steps and not state.stopped_early:
+                order = epoch_order(task_index, weights, seed, state.epoch)
+                micro = [order[i: i + tcfg.batch_size] for i in range(0, len(order), tcfg.batch_size)]
+                micro = micro[dist.rank::dist.world][:micro_per_epoch]
+                while state.micro < len(micro) and state.step < total_steps:
+                    group = micro[state.micro: state.micro + tcfg.grad_accum]
+                    n_target = int(sum(n_targets[b].sum() for b in group))
+                    step_loss = 0.0
+                    for j, idx in enumerate(group):
+                        batch = {k: v.to(device, non_blocking=True)
+                                 for k, v in collate(enc_train, idx, pad_id, kind).items()}
+                        n = n_target_tokens(batch)
+                        sync = j == len(group) - 1 or dist.world == 1
+                        ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
+                        with ctx:
+                            with autocast():
+                                loss = ddp_model(**batch).loss
+                            # token-weighted mean over the whole optimizer step
+                            scaled = loss * (n / max(1, n_target))
+                            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                        step_loss += loss.detach().item() * n / max(1, n_target)
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    if tcfg.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.micro += len(group)
+                    state.step += 1
+                    step_tokens = int(sum(lengths[b].sum() for b in group)) * dist.world
+                    state.tokens += step_tokens
+                    state.last_loss = step_loss
+                    window_loss, window_n, window_tok = window_loss + step_loss, window_n + 1, window_tok + step_tokens
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.3f}", epoch=state.epoch)
+                    if track and (state.step % tcfg.log_every == 0 or state.step == total_steps):
+                        now = time.perf_counter()
+                        tracking.log_metrics({"train/loss": window_loss / window_n,
+                                              "train/lr": scheduler.get_last_lr()[0],
+                                              "train/tokens_per_s": window_tok / max(1e-9, now - window_t),
+                                              "train/epoch": state.epoch + state.micro / len(micro)}, step=state.step)
+                        window_loss, window_n, window_tok, window_t = 0.0, 0, 0, now
+                    epoch_done = state.micro >= len(micro)
+                    if (tcfg.eval_every and state.step % tcfg.eval_every == 0) or epoch_done \
+                            or state.step == total_steps:
+                        evaluate()
+                    if epoch_done:
+                        state.epoch, state.micro = state.epoch + 1, 0
+                    if state.step % tcfg.save_every == 0 or epoch_done or state.step == total_steps \
+                            or state.stopped_early:
+                        checkpoint()
+                    for cb in callbacks:
+                        cb("step", state)
+                    if state.stopped_early:
+                        break
+            seconds = time.perf_counter() - t_loop
+
+            # ---- the final model: the best weights by the validation metric (else the last)
+            if best_dir.exists() and state.best_step >= 0:
+                from safetensors.torch import load_model
+
+                load_model(model, str(resolve(best_dir) / "model.safetensors"), device=str(device))
+            out_dir = wh.path("models", slug)
+            result = {
+                "run_name": name, "model_dir": str(out_dir), "mlflow_run_id": state.mlflow_run_id,
+                "tasks": tasks, "kind": kind, "backbone": backbone.label, "device": str(device),
+                "world_size": dist.world, "steps": state.step, "total_steps": total_steps,
+                "epochs_done": state.epoch, "stopped_early": state.stopped_early,
+                "resumed_from_step": resumed_from, "train/final_loss": state.last_loss,
+                "best_metric": state.best_metric, "best_step": state.best_step, "metric": tcfg.metric,
+                "tokens": state.tokens, "train/tokens_per_s": (state.tokens - tokens_at_start) / max(1e-9, seconds),
+                "train_examples": len(train_df), "valid_examples": len(valid_df),
+                "loop_seconds": round(seconds, 2),
+            }
+            if state.evals:
+                result.update({k: v for k, v in state.evals[-1].items() if k.startswith("valid/")})
+            if dist.main:
+                model.eval()
+                with atomic_dir(out_dir) as stage:
+                    save_trained(backbone, stage, {
+                        "run_name": name, "tasks": tasks, "identifiers": cfg.identifiers.model_dump(mode="json"),
+                        "max_input_length": mcfg.max_input_length, "max_target_length": mcfg.max_target_length,
+                        "corpus_hash": manifest["content_hash"], "metrics": result,
+                        "config_fingerprint": cfg.fingerprint()})
+                    write_json_atomic(stage / "train_history.json", {"evals": state.evals})
+                if track:
+                    _log_artifacts(cfg, wh, out_dir)
+                    tracking.log_metrics({"final/steps": state.step, "final/tokens_per_s": result["train/tokens_per_s"],
+                                          **({"final/best_metric": state.best_metric}
+                                             if state.best_metric is not None else {})})
+                write_json_atomic(wh.path("models", f"{slug}.metrics.json"), result)
+                shutil.rmtree(ckpt_root, ignore_errors=True)
+            dist.barrier()
+        finally:
+            bar.close()
+    result["seconds"] = round(time.perf_counter() - t_start, 2)
+    log.info("train: %s", {k: result[k] for k in ("run_name", "steps", "best_metric", "seconds")})
+    return result
+
+
+def _log_artifacts(cfg: PipelineConfig, wh: Warehouse, out_dir: Path) -> None:
+    if cfg.tracking.log_model:
+        tracking.log_artifact(out_dir, "model")
+    else:
+        for f in out_dir.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin")):
+                tracking.log_artifact(f, "model")
+    tok_files = [f for f in out_dir.iterdir() if f.is_file() and ("token" in f.name or f.name.endswith(".model")
+                                                                  or f.name == "chat_template.jinja")]
+    for f in tok_files:
+        tracking.log_artifact(f, "tokenizer")
+    ident = resolve(wh.path("identifiers", "items"))
+    if ident.exists():
+        tracking.log_artifact(ident, "identifiers/items")
+    manifest = wh.path("corpus", "_manifest.json")
+    if manifest.exists():
+        tracking.log_artifact(manifest, "corpus")
