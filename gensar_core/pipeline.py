@@ -6,8 +6,10 @@ returns a small dict of what it did (counts, metrics) for the caller to print or
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable
 
+from gensar_core import tracking
 from gensar_core.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -18,34 +20,47 @@ def step_ingest(cfg: PipelineConfig, spark=None) -> dict:
     from gensar_core.data.ingest import ingest
     from gensar_core.data.spark import configure_session, spark_session
 
-    return ingest(configure_session(spark, cfg.spark) if spark else spark_session(cfg.spark), cfg)
+    manifest = ingest(configure_session(spark, cfg.spark) if spark else spark_session(cfg.spark), cfg)
+    tracking.log_step(cfg, "ingest", manifest)
+    return manifest
 
 
 def step_split(cfg: PipelineConfig) -> dict:
+    """curated/events -> splits/{train,valid,test} with interleaved histories."""
     from gensar_core.data.split import run_split
 
-    return run_split(cfg)
+    manifest = run_split(cfg)
+    tracking.log_step(cfg, "split", manifest)
+    return manifest
 
 
 def step_embed_semantic(cfg: PipelineConfig) -> dict:
     """curated/items -> features/semantic (sentence-transformers, cached by text hash)."""
     from gensar_core.embed.semantic import run_embed_semantic
 
-    return run_embed_semantic(cfg)
+    result = run_embed_semantic(cfg)
+    tracking.log_step(cfg, "embed_semantic", result)
+    return result
 
 
 def step_embed_collaborative(cfg: PipelineConfig) -> dict:
     """splits/train -> features/collaborative and the SASRec checkpoint."""
     from gensar_core.embed.collaborative import run_embed_collaborative
 
-    return run_embed_collaborative(cfg)
+    result = run_embed_collaborative(cfg)
+    tracking.log_step(cfg, "embed_collaborative", result)
+    return result
 
 
 def step_learn_identifiers(cfg: PipelineConfig) -> dict:
     """Both feature tables -> identifiers/items, the quantiser checkpoint and its report."""
     from gensar_core.identifiers.step import run_learn_identifiers
 
-    return run_learn_identifiers(cfg)
+    metrics = run_learn_identifiers(cfg)
+    folder = Path(cfg.warehouse) / "identifiers"
+    tracking.log_step(cfg, "learn_identifiers", metrics,
+                      artifacts=(folder / "codebook_usage.png", folder / "quantiser" / "config.json"))
+    return metrics
 
 
 def step_build_corpus(cfg: PipelineConfig) -> dict:
@@ -123,8 +138,6 @@ def config_for_run(params: dict | None, ds: str | None = None) -> PipelineConfig
     are shortcuts for the model and training budget; `overrides` (`key.path=value` strings) can
     set anything. The run date `ds` becomes the config's cut-off date.
     """
-    from pathlib import Path
-
     from gensar_core.config import load_config
 
     params = params or {}

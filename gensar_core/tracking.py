@@ -222,3 +222,30 @@ def silence_mlflow_warnings() -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _flat_numbers(payload: Mapping, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in payload.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flat_numbers(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+def log_step(cfg: PipelineConfig, step: str, result: Mapping, artifacts: tuple = ()) -> Optional[str]:
+    """One MLflow run per pipeline step: config as params, the step's numbers as metrics, its
+    report files as artifacts. Returns the run id (None when tracking is off)."""
+    if not cfg.tracking.enabled:
+        return None
+    with start_run(cfg, f"{step}" + (f" {cfg.ds}" if cfg.ds else ""), tags={"gensar.step": step,
+                                                                          "gensar.ds": cfg.ds or ""}) as run:
+        log_params_from_config(cfg)
+        log_metrics(_flat_numbers(result))
+        log_dict(dict(result), f"{step}.json")
+        for path in artifacts:
+            if Path(path).exists():
+                log_artifact(path)
+        return run.info.run_id

@@ -144,3 +144,40 @@ def test_tracking_server_uri(tmp_path, gensar_home):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_pipeline_steps_are_mlflow_runs(tmp_path, monkeypatch):
+    """split and learn_identifiers record a run with params, metrics and the codebook plot."""
+    monkeypatch.setenv("GENSAR_HOME", str(tmp_path))
+    import numpy as np
+    import pandas as pd
+
+    from gensar_core import tracking
+    from gensar_core.config import PipelineConfig
+    from gensar_core.embed.vectors import vectors_table
+    from gensar_core.pipeline import step_learn_identifiers, step_split
+    from gensar_core.storage import atomic_dir, write_table
+
+    cfg = PipelineConfig.model_validate({
+        "warehouse": str(tmp_path / "wh"),
+        "identifiers": {"epochs": 2, "codebook_size": 4, "hidden_dims": [16], "latent_dim": 4, "batch_size": 16}})
+    rng = np.random.default_rng(0)
+    n = 12
+    events = pd.DataFrame({"user_id": [f"u{i % 3}" for i in range(30)], "item_id": [f"i{i % n}" for i in range(30)],
+                           "ts": np.arange(30), "behavior": "rec", "query": None, "session_id": None})
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(n)], "item_idx": np.arange(n), "title": "t",
+                          "text": "t", "categories": [["c"]] * n})
+    with atomic_dir(cfg.warehouse / "curated") as stage:
+        write_table(events, stage / "events")
+        write_table(items, stage / "items")
+    with atomic_dir(cfg.warehouse / "features") as stage:
+        for name, dim in (("semantic", 8), ("collaborative", 6)):
+            write_table(vectors_table(np.arange(n), rng.normal(size=(n, dim)).astype("float32")), stage / name)
+    step_split(cfg)
+    step_learn_identifiers(cfg)
+    runs = {r.data.tags["gensar.step"]: r for r in tracking.find_runs(cfg)}
+    assert runs["split"].data.metrics["splits/test/samples"] == 3
+    assert runs["split"].data.params["split.strategy"] == "leave_one_out"
+    ids = runs["learn_identifiers"]
+    assert ids.data.metrics["prefix_shared_share"] == 1.0
+    assert "codebook_usage.png" in tracking.list_artifacts(cfg, ids.info.run_id)
