@@ -79,12 +79,26 @@ def gensar_nightly():
     def evaluate(params=None, ds=None) -> dict:
         return pipeline.step_evaluate(pipeline.config_for_run(params, ds))
 
+    @task
+    def register(params=None, ds=None) -> dict:
+        return pipeline.step_register(pipeline.config_for_run(params, ds))
+
+    @task
+    def score_partitions(params=None, ds=None) -> list[int]:
+        return list(range(pipeline.config_for_run(params, ds).scoring.partitions))
+
+    @task
+    def batch_score(partition: int, params=None, ds=None) -> dict:
+        return pipeline.step_batch_score(pipeline.config_for_run(params, ds), partition=partition)
+
     curated, splits = ingest(), split()
     semantic, collaborative = embed_semantic(), embed_collaborative()
     identifiers = learn_identifiers()
     curated >> [splits, semantic]
     splits >> collaborative
-    [semantic, collaborative] >> identifiers >> build_corpus() >> train() >> evaluate()
+    registered = register()
+    [semantic, collaborative] >> identifiers >> build_corpus() >> train() >> evaluate() >> registered
+    registered >> batch_score.expand(partition=score_partitions())
 
 
 gensar_nightly()

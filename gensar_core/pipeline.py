@@ -104,6 +104,26 @@ def step_evaluate(cfg: PipelineConfig) -> dict:
     return run_evaluate(cfg, extra_rankers=generative_rankers(cfg))
 
 
+def step_register(cfg: PipelineConfig) -> dict:
+    """Register this config's trained model in MLflow; champion only if better on both tasks."""
+    from gensar_core import registry
+    from gensar_core.model.train import trained_model_dir
+
+    rankers = generative_rankers(cfg)
+    if not rankers:
+        raise FileNotFoundError(f"no trained model at {trained_model_dir(cfg)}: run train first")
+    return registry.register(cfg, trained_model_dir(cfg), registry.gate_metrics(cfg, rankers["gensar"]))
+
+
+def step_batch_score(cfg: PipelineConfig, partition: int | None = None) -> dict:
+    """The champion's top-K for active users and the day's queries -> scores/ds=<ds>/ (one or all partitions)."""
+    from gensar_core.scoring import run_batch_score
+
+    result = run_batch_score(cfg, partition=partition)
+    tracking.log_step(cfg, "batch_score" + (f" part {partition}" if partition is not None else ""), result)
+    return result
+
+
 STEPS: dict[str, Callable[[PipelineConfig], dict]] = {
     "ingest": step_ingest,
     "split": step_split,
@@ -113,6 +133,8 @@ STEPS: dict[str, Callable[[PipelineConfig], dict]] = {
     "build_corpus": step_build_corpus,
     "train": step_train,
     "evaluate": step_evaluate,
+    "register": step_register,
+    "batch_score": step_batch_score,
 }
 
 

@@ -31,3 +31,38 @@ def gensar_home(tmp_path, monkeypatch):
     home = tmp_path / "gensar_home"
     monkeypatch.setenv("GENSAR_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory):
+    """A tiny GenSAR model really trained on the toy warehouse (curated, splits, identifiers), with
+    its own MLflow store; the config points at it."""
+    import pandas as pd
+    import torch
+
+    from gensar_core.config import PipelineConfig
+    from gensar_core.model.synthetic import write_toy_warehouse
+    from gensar_core.pipeline import step_build_corpus, step_train
+    from gensar_core.storage import Warehouse, atomic_dir, write_table
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_warehouse(root / "wh")
+    wh = Warehouse(root / "wh")
+    # the toy warehouse has splits; its curated events are their union
+    events = pd.concat([wh.read(f"splits/{s}") for s in ("train", "valid", "test")])
+    items = wh.read("curated/items")
+    with atomic_dir(wh.path("curated")) as stage:
+        write_table(items, stage / "items")
+        write_table(events[["user_id", "item_id", "ts", "behavior", "query", "session_id"]], stage / "events")
+    cfg = PipelineConfig.model_validate({
+        "warehouse": str(root / "wh"), "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+        "identifiers": {"shared_levels": 2, "specific_levels": 2, "codebook_size": 8},
+        "model": {"scratch": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "tokenizer_vocab_size": 300}},
+        "train": {"epochs": 2, "batch_size": 16, "eval_every": 0, "warmup_steps": 5, "progress": False},
+        "evaluate": {"beam_size": 10, "baselines": ["popularity"], "log_mlflow": False},
+        "scoring": {"partitions": 2, "active_days": 100000, "top_k": 5},
+    })
+    step_build_corpus(cfg)
+    step_train(cfg)
+    return cfg

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from helpers import movielens_files, read
 
@@ -56,3 +57,6 @@ def test_nightly_dag_runs_end_to_end(airflow_home, gensar_home, tmp_path):
     assert (tmp_path / "wh" / "models" / "t5-scratch__rec+search+align" / "model.safetensors").exists()
     report = (tmp_path / "wh" / "reports" / "eval-test-2026-11-27" / "report.md").read_text()
     assert "gensar" in report and "sasrec" in report
+    scores = tmp_path / "wh" / "scores" / "ds=2026-11-27"
+    assert sorted(p.name for p in (scores / "rec").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert len(pd.concat([pd.read_parquet(p) for p in (scores / "rec").iterdir()])) > 0

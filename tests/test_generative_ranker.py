@@ -3,31 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.context import EvalContext
 from gensar_core.evaluate.protocols import evaluate_ranker
-from gensar_core.model.synthetic import write_toy_warehouse
-from gensar_core.pipeline import generative_rankers, step_build_corpus, step_train
+from gensar_core.pipeline import generative_rankers
 from gensar_core.storage import Warehouse
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("gen")
-    write_toy_warehouse(root / "wh")
-    cfg = PipelineConfig.model_validate({
-        "warehouse": str(root / "wh"), "tracking": {"enabled": False},
-        "identifiers": {"shared_levels": 2, "specific_levels": 2, "codebook_size": 8},
-        "model": {"scratch": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "tokenizer_vocab_size": 300}},
-        "train": {"epochs": 2, "batch_size": 16, "eval_every": 0, "warmup_steps": 5, "progress": False},
-        "evaluate": {"beam_size": 10, "baselines": ["popularity"], "log_mlflow": False},
-    })
-    step_build_corpus(cfg)
-    step_train(cfg)
-    return cfg
+def trained(toy_model):
+    return toy_model
 
 
 def test_ranker_returns_valid_unseen_items(trained):

@@ -1,0 +1,120 @@
+"""MLflow registry with the champion gate, batch scoring by partition, and a real serving endpoint."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from gensar_core import registry, tracking
+from gensar_core.model.train import trained_model_dir
+from gensar_core.pipeline import step_batch_score, step_register
+from gensar_core.scoring import partition_of
+from gensar_core.storage import Warehouse
+
+
+def test_gate_rule():
+    assert registry.beats({"rec": 0.1, "search": 0.1}, None)
+    assert registry.beats({"rec": 0.2, "search": 0.3}, {"rec": 0.1, "search": 0.2})
+    assert not registry.beats({"rec": 0.2, "search": 0.1}, {"rec": 0.1, "search": 0.2})
+    assert not registry.beats({"rec": 0.1, "search": 0.2}, {"rec": 0.1, "search": 0.2})  # ties stay
+
+
+@pytest.fixture(scope="module")
+def registered(toy_model):
+    return step_register(toy_model)
+
+
+def test_champion_gate_both_ways(toy_model, registered):
+    cfg, model_dir = toy_model, trained_model_dir(toy_model)
+    assert registered["promoted"] and registered["version"] == registered["champion_version"]
+    base = registered["metrics"]
+    client = tracking.client(cfg)
+    name = cfg.registry.model_name
+
+    worse = registry.register(cfg, model_dir, {"rec": base["rec"] - 0.01, "search": base["search"] + 0.5})
+    assert not worse["promoted"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == registered["version"]
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == worse["version"]
+
+    better = registry.register(cfg, model_dir, {"rec": base["rec"] + 0.5, "search": base["search"] + 0.5})
+    assert better["promoted"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == better["version"]
+    assert client.get_model_version(name, better["version"]).tags["gate.decision"] == "champion"
+
+
+def test_batch_score_partitions(toy_model, registered):
+    cfg = toy_model.model_copy(update={"ds": "2026-11-27"})
+    wh = Warehouse(cfg.warehouse)
+    parts = [step_batch_score(cfg, partition=p) for p in range(cfg.scoring.partitions)]
+    folder = Path(parts[0]["folder"])
+    rec = pd.concat([pd.read_parquet(f) for f in sorted((folder / "rec").glob("part-*.parquet"))])
+    users = set(wh.read("curated/events")["user_id"])
+    assert set(rec["user_id"]) == users  # every active user, each in exactly one partition
+    assert rec.groupby("user_id")["rank"].max().max() <= cfg.scoring.top_k
+    for p in range(cfg.scoring.partitions):
+        part = pd.read_parquet(folder / "rec" / f"part-{p:05d}.parquet")
+        assert (partition_of(part["user_id"], cfg.scoring.partitions) == p).all()
+    items = set(wh.read("curated/items")["item_id"])
+    assert set(rec["item_id"]) <= items
+    events = wh.read("curated/events")
+    seen = events.groupby("user_id")["item_id"].agg(set)
+    assert not any(i in seen[u] for u, i in zip(rec["user_id"], rec["item_id"]))
+    search = pd.concat([pd.read_parquet(f) for f in (folder / "search").glob("part-*.parquet")])
+    assert len(search) and search["query"].notna().all()
+    assert sum(p["rec_users"] for p in parts) == len(users) and parts[0]["users_per_second"] > 0
+    # a retry of one partition rewrites the same rows
+    before = pd.read_parquet(folder / "rec" / "part-00000.parquet")
+    step_batch_score(cfg, partition=0)
+    pd.testing.assert_frame_equal(before, pd.read_parquet(folder / "rec" / "part-00000.parquet"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers(toy_model, registered):
+    cfg = toy_model
+    port = _free_port()
+    # the server runs `uvicorn` from PATH: the venv's bin, as infra/serve_model.sh sets it
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", registry.champion_uri(cfg), "--env-manager",
+                             "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError("server did not start:\n" + proc.stdout.read()[-3000:])
+                time.sleep(1)
+        train = Warehouse(cfg.warehouse).read("splits/test")
+        row = train.iloc[0]
+        history = [{k: e[k] for k in ("behavior", "item_id", "query")} for e in row["history"]]
+        body = {"dataframe_split": {"columns": ["task", "history", "query", "k"], "data": [
+            ["rec", json.dumps(history), None, 3], ["search", json.dumps(history), "comedy night", 4]]}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
+        items = set(Warehouse(cfg.warehouse).read("identifiers/items")["item_id"])
+        assert len(answer) == 2
+        assert len(answer[0]["items"]) == 3 and set(answer[0]["items"]) <= items
+        assert not set(answer[0]["items"]) & {e["item_id"] for e in history}
+        assert len(answer[1]["items"]) == 4 and set(answer[1]["items"]) <= items
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
