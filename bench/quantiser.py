@@ -57,7 +57,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--items", type=int, default=8192)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: IdentifierConfig's")
+    ap.add_argument("--dead-code-epochs", type=int, default=None,
+                    help="dead-code restart patience, 0: off (default: IdentifierConfig's)")
     ap.add_argument("--codebook-size", type=int, default=256)
     # One thread by default: on a shared 2-core machine two torch threads contending with other
     # processes ran 10-15x slower than one, which swamps the comparison. 0: torch's default.
@@ -70,8 +72,10 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     sem, col = from_warehouse(args.warehouse) if args.warehouse else synthetic(args.items, 384, 64, args.seed)
-    cfg = IdentifierConfig(epochs=args.epochs, batch_size=args.batch_size, codebook_size=args.codebook_size,
-                           eval_every=0, device=args.device)  # paper architecture otherwise
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("dead_code_epochs", args.dead_code_epochs))
+                 if v is not None}
+    cfg = IdentifierConfig(epochs=args.epochs, codebook_size=args.codebook_size, eval_every=0,
+                           device=args.device, **overrides)  # paper architecture otherwise
     levels = cfg.shared_levels + cfg.specific_levels
 
     def dual():
@@ -83,6 +87,7 @@ def main(argv=None) -> dict:
 
     print(f"{len(sem)} items (semantic {sem.shape[1]}-d, collaborative {col.shape[1]}-d), "
           f"{args.epochs} epochs, batch {cfg.batch_size}, {levels} levels x {cfg.codebook_size} codes, "
+          f"dead-code restarts {cfg.dead_code_epochs or 'off'}, "
           f"torch threads {torch.get_num_threads()}, device {args.device or 'auto'}")
     best: dict[str, dict] = {}
     t0 = time.perf_counter()
@@ -94,10 +99,13 @@ def main(argv=None) -> dict:
             codes = model.id_codes(sem.to(dev), col.to(dev))
             row = {"items_per_s": r.items_per_s, "seconds": r.seconds, "init_seconds": r.init_seconds,
                    "recon_loss": r.history[-1]["recon_loss"],
-                   "collision_rate": float(np.mean([collision_rate(c) for c in codes]))}
+                   "collision_rate": float(np.mean([collision_rate(c) for c in codes])),
+                   # share of each codebook in use, mean over the levels of the (first) identifier
+                   "codebook_usage": float(np.mean([len(torch.unique(codes[0][:, i])) / cfg.codebook_size
+                                                    for i in range(codes[0].shape[1])]))}
             print(f"  run {rep + 1} {name:5s} {row['items_per_s']:10.0f} items/s  train {row['seconds']:6.1f}s  "
                   f"init {row['init_seconds']:5.1f}s  recon {row['recon_loss']:.4f}  "
-                  f"collisions {row['collision_rate']:.4f}")
+                  f"collisions {row['collision_rate']:.4f}  usage {row['codebook_usage']:.3f}")
             if name not in best or row["items_per_s"] > best[name]["items_per_s"]:
                 best[name] = row
     ratio = best["dual"]["items_per_s"] / best["plain"]["items_per_s"]

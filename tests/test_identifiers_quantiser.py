@@ -156,3 +156,64 @@ def test_plain_quantiser_trains_with_the_same_loop():
     (codes,) = plain.id_codes(sem, col)
     assert codes.shape == (200, 4)
     assert 0.0 <= collision_rate(codes) < 1.0
+
+
+def test_dead_codes_are_restarted_from_residuals_after_patience_epochs():
+    from gensar_core.identifiers.quantiser import ResidualStack, nearest_code
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    stack = ResidualStack(levels=2, size=8, dim=4, beta=0.25)
+    stack.init_kmeans(x, iters=5, seed=0)
+    with torch.no_grad():
+        stack.codebooks[0][3] = 100.0  # far from every point: never picked
+    stack.train()
+
+    def epoch(patience, seed=1):
+        stack(x)  # training forward: counts the codes the batch picked
+        return stack.restart_dead_codes(x, patience, torch.Generator().manual_seed(seed))[0]
+
+    assert epoch(patience=2) == 0  # idle one epoch: not yet
+    assert torch.all(stack.codebooks[0][3] == 100.0)
+    assert epoch(patience=2) >= 1  # idle two epochs in a row: restarted
+    new = stack.codebooks[0][3].detach()
+    assert torch.isclose(x, new).all(1).any()  # re-seeded with a level-1 residual (here: an input row)
+    assert (nearest_code(x, stack.codebooks[0].detach()) == 3).any()  # and now in use
+    assert stack.idle_epochs[0, 3] == 0 and stack.code_counts.sum() == 0
+
+    # deterministic for a generator; off when patience is never reached
+    a = ResidualStack(2, 8, 4, 0.25)
+    b = ResidualStack(2, 8, 4, 0.25)
+    for s in (a, b):
+        s.init_kmeans(x, iters=5, seed=0)
+        with torch.no_grad():
+            s.codebooks[1][:4] = 50.0
+        s.train()
+        s(x)
+        s.restart_dead_codes(x, 1, torch.Generator().manual_seed(7))
+    assert all(torch.equal(p, q) for p, q in zip(a.codebooks, b.codebooks))
+    assert (a.codebooks[1][:4] != 50.0).all()
+    assert not any(k.startswith(("code_counts", "idle_epochs")) for k in a.state_dict())  # not saved
+
+
+def test_restarts_revive_a_collapsed_shared_codebook():
+    # every shared codeword but one far away: without restarts the items all share one code
+    sem, col = clustered(n=200)
+    cfg = CFG.model_copy(update={"epochs": 6, "eval_every": 0})
+    usage = {}
+    for patience in (0, 1):
+        model = small_model()
+        real_init = model.init_codebooks
+
+        def collapsed_init(*args, _model=model, _init=real_init, **kw):
+            _init(*args, **kw)
+            with torch.no_grad():
+                _model.shared.codebooks[0][1:] = 1e3
+
+        model.init_codebooks = collapsed_init
+        result = train_quantiser(model, sem, col, cfg.model_copy(update={"dead_code_epochs": patience}),
+                                 seed=0, device="cpu")
+        usage[patience] = len(torch.unique(model.id_codes(sem, col)[0][:, 0]))
+        restarted = sum(r["restarted_codes"] for r in result.history)
+        assert (restarted > 0) == bool(patience)
+    assert usage[0] == 1 and usage[1] == CFG.codebook_size

@@ -13,6 +13,30 @@ loss = MSE(x_s_hat, x_s) + MSE(x_c_hat, x_c) + mean over codebooks of
        quantised latents back to the encoders. Every codebook is k-means initialised, level after
        level, on the (residual) latents of the data before the first step.
 
+Dead-code restarts (`IdentifierConfig.dead_code_epochs`, default 1). The k-means init sees the
+latents of *untrained* encoders (total variance ~0.002); within a few epochs the latents grow by
+orders of magnitude, and the codewords, which only move when picked, are left behind: on
+MovieLens-100K (1,682 items, 2 shared + 2 specific levels x 256 codes) the first shared level
+ended with 9 codes in use (perplexity ~6), 116 distinct shared prefixes, collisions at argmin of
+9% / 23% (semantic / collaborative). So, after every epoch, each stack counts which codes the
+epoch's batches picked; a code unused for `dead_code_epochs` epochs in a row is re-seeded with
+the current residual, at its level, of an item drawn with probability proportional to its
+quantisation error there (k-means++ style: new codes go where the data is served worst, which
+splits crowded codes). Levels are handled top-down on one no-grad pass over the data (a seeded
+sample of at most kmeans.MAX_POINTS rows), with their own seeded generator, so training stays
+deterministic for a seed. Measured on that data (seed 2025, CPU, one thread): usage of every
+level 0.97-1.00 (shared_1 perplexity 6 -> ~217), collisions before the uniqueness rule
+0.4% / 1.1% -> 0.06% / 0%, for ~+20% training time. Tried and dropped: a second k-means init on
+the latents after 20 warm-up epochs (shared_1 usage only 0.36, no gain on top of restarts), beta
+0.1 instead of 0.25 (no gain). The restart bookkeeping buffers are not persistent: checkpoints
+are unchanged.
+
+With restarts the quantisation error is negligible (decoding the unquantised latent gives the same
+reconstruction error); what is left is the autoencoders' own under-fit, which is why the default
+batch is 256 rather than the paper's 1024 (a 1.7k-item catalogue got 2 optimiser steps an epoch):
+semantic relative reconstruction MSE 0.78 -> 0.59, collaborative 0.20 -> 0.14, in ~43 s of CPU
+for the whole step (was ~30 s).
+
 `PlainResidualQuantiser` is the single-identifier baseline (one encoder over the concatenated
 embeddings, one residual stack): the benchmark and TIGER-style baselines use it. Both models share
 `train_quantiser`, so their throughputs compare like for like.
@@ -31,7 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gensar_core.config import IdentifierConfig
-from gensar_core.identifiers.kmeans import kmeans
+from gensar_core.identifiers.kmeans import MAX_POINTS, kmeans
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +121,18 @@ class ResidualStack(nn.Module):
         self.beta = beta
         # zeros until k-means init; ParameterList keys ('codebooks.0', ...) are safetensors-friendly
         self.codebooks = nn.ParameterList(nn.Parameter(torch.zeros(size, dim)) for _ in range(levels))
+        # training-time bookkeeping for dead-code restarts; not persistent (not in checkpoints)
+        self.register_buffer("code_counts", torch.zeros(levels, size, dtype=torch.long), persistent=False)
+        self.register_buffer("idle_epochs", torch.zeros(levels, size, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor):
         """-> (sum of codewords, codes [B, levels], per-level losses, residual left over)."""
         residual, total = x, torch.zeros_like(x)
         codes, losses = [], []
-        for cb in self.codebooks:
+        for level, cb in enumerate(self.codebooks):
             idx = nearest_code(residual.detach(), cb)
+            if self.training:
+                self.code_counts[level] += torch.bincount(idx, minlength=cb.shape[0])
             q = F.embedding(idx, cb)
             # codebook loss moves the codeword, commitment loss moves the encoder
             losses.append(F.mse_loss(q, residual.detach()) + self.beta * F.mse_loss(residual, q.detach()))
@@ -120,7 +149,44 @@ class ResidualStack(nn.Module):
         for level, cb in enumerate(self.codebooks):
             cb.copy_(kmeans(residual, cb.shape[0], iters, seed=seed + level))
             residual = residual - cb[nearest_code(residual, cb)]
+        self.code_counts.zero_()
+        self.idle_epochs.zero_()
         return residual
+
+    @torch.no_grad()
+    def restart_dead_codes(self, x: torch.Tensor, patience: int, generator: torch.Generator) -> tuple[int, torch.Tensor]:
+        """End-of-epoch dead-code restart; returns (codes restarted, final residual of `x`).
+
+        A code that no training batch picked for `patience` epochs in a row is re-seeded with the
+        current residual (at its level) of an item drawn with probability proportional to that
+        item's quantisation error there, so new codes go where the data is served worst, which
+        also splits crowded codes. `x` is the stack's input for (a sample of) the data, with the
+        current encoder; levels are handled top-down, each on the residual the (already
+        restarted) levels above leave. Resets the per-epoch usage counts.
+        """
+        residual, restarted = x, 0
+        for level, cb in enumerate(self.codebooks):
+            used = self.code_counts[level] > 0
+            self.idle_epochs[level] = torch.where(used, 0, self.idle_epochs[level] + 1)
+            self.code_counts[level].zero_()
+            idx = nearest_code(residual, cb)
+            dead = (self.idle_epochs[level] >= patience).nonzero().squeeze(1)
+            if len(dead):
+                err = (residual - cb[idx]).pow(2).sum(1).double().cpu()
+                candidates = int((err > 0).sum())
+                if candidates:
+                    pick = torch.multinomial(err / err.sum(), len(dead), replacement=len(dead) > candidates,
+                                             generator=generator).to(x.device)
+                    seeds = residual[pick]
+                    if len(dead) > candidates:  # repeated draws: jitter so the new codes differ
+                        noise = torch.randn(seeds.shape, generator=generator).to(x.device)
+                        seeds = seeds + noise * (residual.std() * 0.01 + 1e-6)
+                    cb[dead] = seeds
+                    self.idle_epochs[level, dead] = 0
+                    restarted += len(dead)
+                    idx = nearest_code(residual, cb)
+            residual = residual - cb[idx]
+        return restarted, residual
 
 
 class _Base(nn.Module):
@@ -233,6 +299,15 @@ class DualQuantiser(_Base):
         self.collaborative.init_kmeans(residual[:, L:], iters, seed + 200)
 
     @torch.no_grad()
+    def restart_dead_codes(self, semantic, collaborative, patience: int, generator: torch.Generator) -> int:
+        """Dead-code restart of every stack (see ResidualStack.restart_dead_codes); -> codes restarted."""
+        L = self.spec.latent_dim
+        n, residual = self.shared.restart_dead_codes(self.encode(semantic, collaborative), patience, generator)
+        n += self.semantic.restart_dead_codes(residual[:, :L], patience, generator)[0]
+        n += self.collaborative.restart_dead_codes(residual[:, L:], patience, generator)[0]
+        return n
+
+    @torch.no_grad()
     def reconstruct(self, semantic, collaborative):
         """Decoded inputs in the caller's (unscaled) units."""
         q = self.quantise(self.encode(semantic, collaborative))
@@ -277,6 +352,10 @@ class PlainResidualQuantiser(_Base):
         self.stack.init_kmeans(self.encode(semantic, collaborative), iters, seed)
 
     @torch.no_grad()
+    def restart_dead_codes(self, semantic, collaborative, patience: int, generator: torch.Generator) -> int:
+        return self.stack.restart_dead_codes(self.encode(semantic, collaborative), patience, generator)[0]
+
+    @torch.no_grad()
     def id_codes(self, semantic, collaborative) -> list[torch.Tensor]:
         return [self.stack(self.encode(semantic, collaborative))[1]]
 
@@ -313,6 +392,15 @@ def _collisions(model, inputs, batch: int = 8192) -> float:
     return sum(collision_rate(torch.cat([p[k] for p in parts])) for k in range(kinds)) / kinds
 
 
+def _sample(inputs, generator: torch.Generator, limit: int = MAX_POINTS):
+    """All rows, or a seeded sample of `limit` rows (a restart needs no more)."""
+    n = inputs[0].shape[0]
+    if n <= limit:
+        return inputs
+    idx = torch.randperm(n, generator=generator)[:limit].to(inputs[0].device)
+    return tuple(x[idx] for x in inputs)
+
+
 def train_quantiser(model: nn.Module, semantic: torch.Tensor, collaborative: torch.Tensor,
                     cfg: IdentifierConfig, seed: int = 0, device: Optional[str] = None,
                     desc: str = "quantiser") -> TrainResult:
@@ -341,6 +429,9 @@ def train_quantiser(model: nn.Module, semantic: torch.Tensor, collaborative: tor
     best: Optional[tuple[float, float]] = None
     best_state = None
 
+    # dead-code restarts draw from their own generator: the batch order does not depend on them
+    g_restart = torch.Generator(device="cpu").manual_seed(seed + 1)
+
     model.train()
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=None, leave=False)
     for epoch in bar:
@@ -354,11 +445,15 @@ def train_quantiser(model: nn.Module, semantic: torch.Tensor, collaborative: tor
             out.loss.backward()
             opt.step()
             totals += torch.stack([out.loss, out.recon_loss, out.quant_loss]).detach() * len(idx)
+        restarted = 0
+        if cfg.dead_code_epochs:
+            restarted = model.restart_dead_codes(*_sample(inputs, g_restart), cfg.dead_code_epochs, g_restart)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         result.seconds += time.perf_counter() - t_epoch
         loss, recon, quant = (totals / n).tolist()
-        row = {"epoch": epoch, "loss": loss, "recon_loss": recon, "quant_loss": quant}
+        row = {"epoch": epoch, "loss": loss, "recon_loss": recon, "quant_loss": quant,
+               "restarted_codes": restarted}
 
         if cfg.eval_every and epoch >= first_eval and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             row["collision_rate"] = coll = _collisions(model, inputs)
