@@ -190,6 +190,10 @@ class EmbedConfig(_Strict):
 class IdentifierConfig(_Strict):
     """Dual residual quantiser (PAPER.md section 2)."""
 
+    # retrain: learn the quantiser and assign every ID afresh. incremental (nightly): keep the
+    # existing IDs and give only new items cold-start IDs (trains when there is no table yet)
+    mode: Literal["retrain", "incremental"] = "retrain"
+
     hidden_dims: list[int] = [512, 256, 128, 64]
     latent_dim: int = Field(32, ge=2)  # per modality; the joint latent is twice this
     shared_levels: int = Field(2, ge=1)
@@ -304,6 +308,8 @@ class TrainConfig(_Strict):
     """The `train` step."""
 
     run_name: Optional[str] = None  # None: '<backbone>|<task>+<task>...'
+    # nightly fine-tuning: start from the registry's champion (weights + tokenizer) when there is one
+    init_from_champion: bool = False
     epochs: int = Field(3, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)  # optimizer steps; None: epochs decide
     batch_size: int = Field(64, ge=1)             # per device, per micro-step

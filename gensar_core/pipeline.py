@@ -54,8 +54,13 @@ def step_embed_collaborative(cfg: PipelineConfig) -> dict:
 
 def step_learn_identifiers(cfg: PipelineConfig) -> dict:
     """Both feature tables -> identifiers/items, the quantiser checkpoint and its report."""
+    from gensar_core.identifiers.incremental import has_identifiers, run_extend_identifiers
     from gensar_core.identifiers.step import run_learn_identifiers
 
+    if cfg.identifiers.mode == "incremental" and has_identifiers(cfg):
+        metrics = run_extend_identifiers(cfg)
+        tracking.log_step(cfg, "learn_identifiers", metrics)
+        return metrics
     metrics = run_learn_identifiers(cfg)
     folder = Path(cfg.warehouse) / "identifiers"
     tracking.log_step(cfg, "learn_identifiers", metrics,
@@ -74,6 +79,18 @@ def step_train(cfg: PipelineConfig) -> dict:
     """corpus -> models/<run>/ (safetensors + tokenizer), one MLflow run."""
     from gensar_core.model.train import run_train
 
+    if cfg.train.init_from_champion:
+        from gensar_core import registry
+        from gensar_core.model.train import trained_model_dir
+
+        champion = registry.champion_model_dir(cfg)
+        if champion is not None:
+            # fine-tune: the champion's weights and tokenizer are the starting point; the run keeps
+            # this config's name, so evaluate and register find it where they always do
+            log.info("fine-tuning from the champion model %s", champion)
+            cfg = cfg.model_copy(update={
+                "model": cfg.model.model_copy(update={"backbone": "local", "path": champion}),
+                "train": cfg.train.model_copy(update={"run_name": trained_model_dir(cfg).name})})
     return run_train(cfg)
 
 

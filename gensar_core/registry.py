@@ -102,13 +102,54 @@ def champion_uri(cfg: PipelineConfig) -> str:
 
 
 def champion_ranker(cfg: PipelineConfig):
-    """The champion's ranker, loaded from the registry (what batch scoring and serving use)."""
+    """The champion model as a ranker over today's identifier table when it extends the one the
+    champion was trained with (incremental IDs: new items are recommendable from day one), else
+    over the champion's own table."""
+    import pandas as pd
+
+    from gensar_core.model.generative_ranker import GenerativeRanker
+    from gensar_core.storage import Warehouse
+
+    local = champion_download(cfg)
+    if local is None:
+        raise RuntimeError(f"no champion model in the registry ({champion_uri(cfg)}): run train and register first")
+    artifacts = _artifact_paths(local)
+    theirs = pd.read_parquet(artifacts["identifiers"])
+    ours_path = Warehouse(cfg.warehouse).identifiers / "items"
+    ids = theirs
+    if ours_path.exists():
+        ours = Warehouse(cfg.warehouse).read("identifiers/items")
+        cols = ["item_id", "semantic_id", "collaborative_id"]
+        kept = theirs[cols].merge(ours[cols], on=cols, how="inner")
+        if len(kept) == len(theirs):
+            ids = ours
+    settings = json.loads(Path(artifacts["settings"]).read_text())
+    return GenerativeRanker(artifacts["model"], ids, **settings)
+
+
+def _artifact_paths(local: Path) -> dict[str, Path]:
+    import yaml
+
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    return {k: local / v["path"] for k, v in mlmodel["flavors"]["python_function"]["artifacts"].items()}
+
+
+def champion_download(cfg: PipelineConfig) -> Path | None:
+    """A local copy of the champion's registered model, or None without a champion."""
+    import shutil
+
     import mlflow
 
     tracking.configure(cfg)
-    try:
-        model = mlflow.pyfunc.load_model(champion_uri(cfg))
-    except Exception as e:  # MlflowException and friends: no such model or alias yet
-        raise RuntimeError(f"no champion model in the registry ({champion_uri(cfg)}): run train and "
-                           f"register first ({e})") from e
-    return model.unwrap_python_model().ranker
+    if _champion(tracking.client(cfg), cfg.registry.model_name) is None:
+        return None
+    dst = Path(cfg.warehouse) / "champion" / "download"
+    if dst.exists():
+        shutil.rmtree(dst)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=champion_uri(cfg), dst_path=str(dst)))
+
+
+def champion_model_dir(cfg: PipelineConfig) -> Path | None:
+    """A local copy of the champion's model folder (weights + tokenizer), or None without one."""
+    local = champion_download(cfg)
+    return _artifact_paths(local)["model"] if local is not None else None

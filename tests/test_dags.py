@@ -39,24 +39,61 @@ def test_dagbag_imports_without_errors(airflow_home):
     assert "gensar_nightly" in bag.dags
 
 
-def test_nightly_dag_runs_end_to_end(airflow_home, gensar_home, tmp_path):
+def _run(dag, day: int, conf: dict):
+    import pendulum
+
+    run = dag.test(logical_date=pendulum.datetime(2026, 11, day, tz="UTC"), run_conf=conf)
+    assert run.state == "success", [(ti.task_id, ti.state) for ti in run.get_task_instances()]
+    return run
+
+
+def _tables(wh: Path) -> dict[str, pd.DataFrame]:
+    out = {}
+    for name in ("curated/items", "curated/events", "splits/train", "splits/test", "identifiers/items"):
+        df = read(wh / name).map(lambda v: str(list(v)) if hasattr(v, "__len__") and not isinstance(v, str) else v)
+        out[name] = df.sort_values(list(df.columns)).reset_index(drop=True)
+    return out
+
+
+def test_nightly_dag_end_to_end_rerun_and_next_day(airflow_home, gensar_home, tmp_path):
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["gensar_nightly"]
     base = movielens_files(tmp_path / "ml", extra_events=["1\t1\t3\tbad"])
-    conf = {"epochs": 1, "tasks": ["rec", "search", "align"], "overrides": [f"warehouse={tmp_path / 'wh'}", f"data.source.path={base}", "spark.shuffle_partitions=2",
-                          *TINY]}
-    import pendulum
+    wh = tmp_path / "wh"
+    conf = {"epochs": 1, "tasks": ["rec", "search", "align"], "overrides": [
+        f"warehouse={wh}", f"data.source.path={base}", "spark.shuffle_partitions=2",
+        "identifiers.mode=incremental", "train.init_from_champion=true", *TINY]}
 
-    run = dag.test(logical_date=pendulum.datetime(2026, 11, 27, tz="UTC"), run_conf=conf)
-    assert run.state == "success", [(ti.task_id, ti.state) for ti in run.get_task_instances()]
-    assert len(read(tmp_path / "wh" / "curated" / "events")) == 15
-    assert len(read(tmp_path / "wh" / "splits" / "test")) == 3
-    ids = read(tmp_path / "wh" / "identifiers" / "items")
+    # night 1: every step, trained from scratch
+    _run(dag, 27, conf)
+    assert len(read(wh / "curated" / "events")) == 15
+    assert len(read(wh / "splits" / "test")) == 3
+    ids = read(wh / "identifiers" / "items")
     assert len(ids) == 6 and ids["semantic_id"].is_unique and ids["collaborative_id"].is_unique
-    assert (tmp_path / "wh" / "models" / "t5-scratch__rec+search+align" / "model.safetensors").exists()
-    report = (tmp_path / "wh" / "reports" / "eval-test-2026-11-27" / "report.md").read_text()
+    assert (wh / "models" / "t5-scratch__rec+search+align" / "model.safetensors").exists()
+    report = (wh / "reports" / "eval-test-2026-11-27" / "report.md").read_text()
     assert "gensar" in report and "sasrec" in report
-    scores = tmp_path / "wh" / "scores" / "ds=2026-11-27"
+    scores = wh / "scores" / "ds=2026-11-27"
     assert sorted(p.name for p in (scores / "rec").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     assert len(pd.concat([pd.read_parquet(p) for p in (scores / "rec").iterdir()])) > 0
+
+    # a retry of the same night gives the same data and identifiers
+    before = _tables(wh)
+    _run(dag, 27, conf)
+    for name, df in _tables(wh).items():
+        pd.testing.assert_frame_equal(df, before[name], obj=name)
+
+    # night 2: a new item and new events; the existing IDs stay, the new item gets cold-start IDs
+    with open(base / "ml-100k.item", "a") as fh:
+        fh.write("7\tBrand New Film\t2026\tComedy Drama\n")
+    with open(base / "ml-100k.inter", "a") as fh:
+        for u in (1, 2, 3):
+            fh.write(f"{u}\t7\t4\t{881000000 + u}\n")
+    _run(dag, 28, conf)
+    after = read(wh / "identifiers" / "items").set_index("item_id")
+    old = ids.set_index("item_id")
+    assert (after.loc[old.index, ["semantic_id", "collaborative_id"]] == old[["semantic_id", "collaborative_id"]]).all().all()
+    assert "7" in after.index and after["semantic_id"].is_unique and after["collaborative_id"].is_unique
+    assert after.loc["7", "semantic_id"][:10] == after.loc["7", "collaborative_id"][:10]  # shared prefix
+    assert (wh / "scores" / "ds=2026-11-28" / "rec").exists()

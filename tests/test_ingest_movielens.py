@@ -116,3 +116,19 @@ def test_missing_file_names_the_file(spark, tmp_path, missing):
     cfg = config(tmp_path, {"kind": "movielens", "path": str(base)})
     with pytest.raises(IngestError, match=missing.replace(".", r"\.")):
         ingest(spark, cfg)
+
+
+def test_item_index_is_stable_across_runs(spark, tmp_path):
+    """A later run keeps every item's index, appends new items and keeps dropped ones."""
+    base = movielens_files(tmp_path / "ml")
+    cfg = config(tmp_path, {"kind": "movielens", "path": str(base)})
+    ingest(spark, cfg)
+    first = read(cfg.warehouse / "curated" / "items").set_index("item_id")["item_idx"].to_dict()
+    # the next night's catalogue: item 6 is gone, item 0 (first in item_id order) is new
+    lines = (base / "ml-100k.item").read_text().splitlines()
+    lines = [ln for ln in lines if not ln.startswith("6\t")] + ["0\tNew Movie\t2026\tDrama"]
+    (base / "ml-100k.item").write_text("\n".join(lines) + "\n")
+    ingest(spark, cfg)
+    second = read(cfg.warehouse / "curated" / "items").set_index("item_id")["item_idx"].to_dict()
+    assert {k: second[k] for k in first} == first
+    assert second["0"] == 6 and sorted(second.values()) == list(range(7))

@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 
 from gensar_core.config import PipelineConfig
 from gensar_core.data import readers, synth, validate
+from gensar_core import storage
 from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,10 @@ def ingest(spark, cfg: PipelineConfig) -> dict:
         raw_counts["queries"] = raw_queries.count()
 
     items_v = validate.validate_items(raw_items).persist(StorageLevel.MEMORY_AND_DISK)
-    items = validate.curated_items(items_v).persist(StorageLevel.MEMORY_AND_DISK)
+    previous = wh.curated / "items"
+    previous_items = spark.read.parquet(str(previous)) if storage.resolve(wh.curated).exists() and previous.exists() else None
+    items = validate.curated_items(items_v, previous_items).persist(StorageLevel.MEMORY_AND_DISK)
+    items.count()  # materialise now: the previous table's files go away when the new one is committed
     events_v = validate.validate_events(raw_events, items, cfg.ds).persist(StorageLevel.MEMORY_AND_DISK)
     events = events_v.where(F.col("reason").isNull()).select(*EVENT_COLUMNS)
 

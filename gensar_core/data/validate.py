@@ -73,17 +73,31 @@ def validate_items(raw: DataFrame) -> DataFrame:
     return _keep_first(df, ["item_id"], "duplicate_item", "item_id")
 
 
-def curated_items(validated: DataFrame) -> DataFrame:
-    """item_id, item_idx (dense 0..N-1 in item_id order), title, text, categories."""
-    ok = validated.where(F.col("reason").isNull())
-    w = Window.orderBy(F.col("item_id"))
-    return ok.select(
+def curated_items(validated: DataFrame, previous: DataFrame | None = None) -> DataFrame:
+    """item_id, item_idx, title, text, categories.
+
+    item_idx is dense 0..N-1 in item_id order on the first run. Later runs keep every index the
+    previous `curated/items` gave, append new items after them (in item_id order), and carry
+    over items the new catalogue no longer lists: an item's index, and so its identifier and its
+    embedding rows, never change or get reused.
+    """
+    ok = validated.where(F.col("reason").isNull()).select(
         "item_id",
-        (F.row_number().over(w) - 1).cast("long").alias("item_idx"),
         F.coalesce("title", "text").alias("title"),
         F.coalesce("text", "title").alias("text"),
         F.coalesce("categories", F.array().cast("array<string>")).alias("categories"),
     )
+    if previous is None:
+        return ok.select("item_id", (F.row_number().over(Window.orderBy("item_id")) - 1).cast("long")
+                         .alias("item_idx"), "title", "text", "categories")
+    prev = previous.select("item_id", "item_idx", "title", "text", "categories")
+    start = prev.agg(F.coalesce(F.max("item_idx") + 1, F.lit(0))).first()[0]
+    known = ok.join(prev.select("item_id", "item_idx"), "item_id", "inner")
+    new = ok.join(prev.select("item_id"), "item_id", "left_anti")
+    new = new.withColumn("item_idx", (F.row_number().over(Window.orderBy("item_id")) - 1 + F.lit(start)).cast("long"))
+    gone = prev.join(ok.select("item_id"), "item_id", "left_anti")
+    cols = ["item_id", "item_idx", "title", "text", "categories"]
+    return known.select(*cols).unionByName(new.select(*cols)).unionByName(gone.select(*cols))
 
 
 def validate_events(raw: DataFrame, items: DataFrame, ds: str | None) -> DataFrame:

@@ -61,8 +61,10 @@ class GenerativeRanker:
         template = templates(task)[0]
         out = []
         for history, query in zip(cases["history"], cases["query"] if "query" in cases else [None] * len(cases)):
-            text = render_history(list(history) if history is not None else [], self.item_ids,
-                                  self.max_rec, self.max_search)
+            # an item without an ID (added to the catalogue after this model's table) cannot be
+            # written in the prompt: it is left out of the history rather than failing the case
+            events = [e for e in (history if history is not None else []) if str(e["item_id"]) in self.item_ids]
+            text = render_history(events, self.item_ids, self.max_rec, self.max_search)
             out.append(fill(template, history=text, query=(query or "").strip()))
         return out
 
