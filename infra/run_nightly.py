@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ds", default=dt.date.today().isoformat(), help="run date (default: today)")
-    p.add_argument("--config", default="", help="pipeline YAML (default: the embedded default)")
+    p.add_argument("--config", default=str(REPO / "configs" / "default.yaml"),
+                   help="pipeline YAML (default: configs/default.yaml, the embedded default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
 
@@ -52,12 +53,19 @@ def main() -> int:
         print(f"  {ti.task_id:24s} {ti.state}")
     cfg = config_for_run(conf, args.ds)
     wh = Path(cfg.warehouse)
+    from gensar_core import tracking
+
     print(f"\nwarehouse:   {wh}")
     for name, rel in [("curated", "curated/_manifest.json"), ("splits", "splits/_manifest.json"),
                       ("identifiers", "identifiers/metrics.json"), ("codebook plot", "identifiers/codebook_usage.png"),
-                      ("scores", f"scores/ds={args.ds}"), ("report", "reports")]:
+                      ("report", f"reports/eval-test-{args.ds}/report.md"),
+                      ("trade-off", f"reports/eval-test-{args.ds}/tradeoff.png"),
+                      ("scores", f"scores/ds={args.ds}")]:
         path = wh / rel
-        print(f"{name + ':':13s}{path}{'' if path.exists() else '  (not produced by this pipeline yet)'}")
+        print(f"{name + ':':13s}{path}{'' if path.exists() else '  (missing)'}")
+    runs = tracking.find_runs(cfg, f"tags.`gensar.ds` = '{args.ds}'") if cfg.tracking.enabled else []
+    print(f"mlflow:      {tracking.tracking_uri(cfg)} ({len(runs)} runs for ds={args.ds}); browse with")
+    print(f"             .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)} --host 127.0.0.1")
     print(f"airflow:     AIRFLOW_HOME={os.environ['AIRFLOW_HOME']}")
     return 0 if run.state == "success" else 1
 
