@@ -16,6 +16,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 logging.getLogger("py4j").setLevel(logging.WARNING)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tests' models are tiny: one thread is fastest, and far faster on a busy 2-core machine."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def spark():
     from gensar_core.config import SparkConfig
@@ -45,7 +53,6 @@ def toy_model(tmp_path_factory):
     from gensar_core.pipeline import step_build_corpus, step_train
     from gensar_core.storage import Warehouse, atomic_dir, write_table
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("toy")
     write_toy_warehouse(root / "wh")
     wh = Warehouse(root / "wh")

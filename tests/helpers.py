@@ -59,3 +59,14 @@ def movielens_files(base: Path, extra_events: list[str | bytes] = (), extra_item
 
 def json_lines(path: Path, rows: list[dict | str]) -> Path:
     return write_lines(path, [r if isinstance(r, str) else json.dumps(r) for r in rows])
+
+
+def clustered(n=400, clusters=16, sem_dim=32, col_dim=16, seed=0):
+    """Semantic and collaborative embeddings (float32) of n items drawn around shared clusters."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    c = rng.integers(clusters, size=n)
+    sem = rng.normal(size=(clusters, sem_dim))[c] + 0.3 * rng.normal(size=(n, sem_dim))
+    col = 3 * rng.normal(size=(clusters, col_dim))[c] + 0.5 * rng.normal(size=(n, col_dim))
+    return sem.astype(np.float32), col.astype(np.float32)

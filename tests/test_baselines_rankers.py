@@ -14,13 +14,6 @@ from gensar_core.evaluate.synthetic import hash_encoder, write_synthetic_warehou
 DIM = 64
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):

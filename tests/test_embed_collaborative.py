@@ -20,14 +20,6 @@ SMALL = {"dim": 16, "layers": 1, "heads": 2, "max_len": 8, "dropout": 0.1, "epoc
          "batch_size": 16, "lr": 5e-3, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # a model this small runs faster on one thread, and far faster on a busy shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def synthetic_events(seed=0):
     rng = np.random.default_rng(seed)

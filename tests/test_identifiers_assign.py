@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import clustered
 import torch
 
 from gensar_core.config import IdentifierConfig, PipelineConfig
@@ -24,20 +25,7 @@ SEM_ID = re.compile(r"^<a_\d+><b_\d+><s_\d+><t_\d+>$")
 COL_ID = re.compile(r"^<a_\d+><b_\d+><c_\d+><d_\d+>$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
 
-
-def clustered(n=400, clusters=16, sem_dim=32, col_dim=16, seed=0):
-    rng = np.random.default_rng(seed)
-    c = rng.integers(clusters, size=n)
-    sem = rng.normal(size=(clusters, sem_dim))[c] + 0.3 * rng.normal(size=(n, sem_dim))
-    col = 3 * rng.normal(size=(clusters, col_dim))[c] + 0.5 * rng.normal(size=(n, col_dim))
-    return sem.astype(np.float32), col.astype(np.float32)
 
 
 CFG = IdentifierConfig(hidden_dims=[64, 32], latent_dim=8, codebook_size=8, epochs=20,

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+from helpers import clustered as clustered_embeddings
 import torch
 
 from gensar_core.config import IdentifierConfig
@@ -15,21 +16,10 @@ from gensar_core.identifiers.kmeans import kmeans
 from gensar_core.identifiers.quantiser import collision_rate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models on a shared 2-core machine: one thread avoids oversubscription (10x faster)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-def clustered(n=400, clusters=16, sem_dim=32, col_dim=16, seed=0):
-    rng = np.random.default_rng(seed)
-    c = rng.integers(clusters, size=n)
-    sem = rng.normal(size=(clusters, sem_dim))[c] + 0.3 * rng.normal(size=(n, sem_dim))
-    col = 3 * rng.normal(size=(clusters, col_dim))[c] + 0.5 * rng.normal(size=(n, col_dim))
-    return torch.tensor(sem, dtype=torch.float32), torch.tensor(col, dtype=torch.float32)
+def clustered(**kwargs):
+    sem, col = clustered_embeddings(**kwargs)
+    return torch.from_numpy(sem), torch.from_numpy(col)
 
 
 CFG = IdentifierConfig(hidden_dims=[64, 32], latent_dim=8, codebook_size=8, epochs=30,

@@ -22,13 +22,6 @@ from gensar_core.model.train import run_train
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def toy(root: Path, **cfg) -> PipelineConfig:
     write_toy_warehouse(root, n_users=12, n_items=16, events_per_user=8, seed=2)

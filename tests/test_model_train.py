@@ -23,14 +23,11 @@ SCRATCH = {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers":
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread_and_home(tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine
+def module_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("gensar_home")
     old = os.environ.get("GENSAR_HOME")
     os.environ["GENSAR_HOME"] = str(home)  # one MLflow sqlite store for the module
     yield home
-    torch.set_num_threads(before)
     if old is None:
         os.environ.pop("GENSAR_HOME", None)
     else:
