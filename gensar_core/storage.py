@@ -118,16 +118,8 @@ class Warehouse:
         return self.path("splits")
 
     @property
-    def features(self) -> Path:
-        return self.path("features")
-
-    @property
     def identifiers(self) -> Path:
         return self.path("identifiers")
-
-    def table(self, name: str) -> Path:
-        """`curated/items`, `splits/train`, ...: resolved for reading."""
-        return resolve(self.root / name) if (self.root / name).parent.exists() else self.root / name
 
     def read(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
         top = name.split("/")[0]
