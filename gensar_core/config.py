@@ -249,6 +249,9 @@ class CorpusConfig(_Strict):
     """The `build_corpus` step: prompts written from splits + identifiers."""
 
     tasks: CorpusTasksConfig = CorpusTasksConfig()
+    # dual: GenSAR (recommendation speaks collaborative IDs, search semantic IDs). semantic: the
+    # TIGER-style single-ID baseline, every item written with its semantic ID in both tasks
+    id_scheme: Literal["dual", "semantic"] = "dual"
     # history rendered into prompts (the splits already cap it; these can only lower it)
     max_rec_history: int = Field(5, ge=0)
     max_search_history: int = Field(5, ge=0)
@@ -372,6 +375,10 @@ class EvaluateConfig(_Strict):
     # generative models: constrained beam width (full ranking keeps the beam's items minus history)
     beam_size: int = Field(20, ge=1)
     seed: Optional[int] = None  # None: the pipeline seed
+    # more trained generative models in the report, by name: config overrides that select each one
+    # (e.g. the rec-only variant: {"gensar-rec-only": ["corpus.tasks.search.enabled=false", ...]});
+    # a variant that has not been trained is skipped with a warning
+    variants: dict[str, list[str]] = {}
 
 
 class ScoringConfig(_Strict):
@@ -470,6 +477,15 @@ def _merge(base: dict, extra: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def with_overrides(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """A copy of `cfg` with `key.path=value` overrides applied (validated like any config)."""
+    tree = _merge(cfg.model_dump(mode="json"), parse_overrides(overrides))
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, "overrides " + " ".join(overrides))) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:

@@ -95,23 +95,38 @@ def step_train(cfg: PipelineConfig) -> dict:
 
 
 def generative_rankers(cfg: PipelineConfig) -> dict:
-    """The trained generative model of this config as a Ranker, if `train` has written it."""
-    from gensar_core.model.corpus import enabled_tasks
+    """This config's trained generative model, and those of `evaluate.variants`, as Rankers
+    (the ones `train` has written)."""
+    from gensar_core.config import with_overrides
+
+    configs = {"gensar": cfg, **{name: with_overrides(cfg, overrides)
+                                 for name, overrides in cfg.evaluate.variants.items()}}
+    rankers = {}
+    for name, model_cfg in configs.items():
+        ranker = generative_ranker(model_cfg, name)
+        if ranker is not None:
+            rankers[name] = ranker
+    return rankers
+
+
+def generative_ranker(cfg: PipelineConfig, name: str = "gensar"):
+    """The trained generative model of `cfg` as a Ranker, or None if it has not been trained."""
+    from gensar_core.model.corpus import apply_id_scheme, enabled_tasks
     from gensar_core.model.train import trained_model_dir
     from gensar_core.storage import Warehouse
 
     model_dir = trained_model_dir(cfg)
     if not (model_dir / "config.json").exists():
-        log.warning("no trained model at %s: evaluating the baselines only", model_dir)
-        return {}
+        log.warning("%s: no trained model at %s, left out of the evaluation", name, model_dir)
+        return None
     from gensar_core.model.generative_ranker import GenerativeRanker
 
     tasks = [t for t in ("rec", "search") if t in enabled_tasks(cfg.corpus)]
-    ranker = GenerativeRanker(model_dir, Warehouse(cfg.warehouse).read("identifiers/items"),
-                              beam_size=cfg.evaluate.beam_size, max_rec_history=cfg.corpus.max_rec_history,
-                              max_search_history=cfg.corpus.max_search_history,
-                              max_input_length=cfg.model.max_input_length, tasks=tasks)
-    return {"gensar": ranker}
+    identifiers = apply_id_scheme(Warehouse(cfg.warehouse).read("identifiers/items"), cfg.corpus.id_scheme)
+    return GenerativeRanker(model_dir, identifiers, beam_size=cfg.evaluate.beam_size,
+                            max_rec_history=cfg.corpus.max_rec_history,
+                            max_search_history=cfg.corpus.max_search_history,
+                            max_input_length=cfg.model.max_input_length, tasks=tasks, name=name)
 
 
 def step_evaluate(cfg: PipelineConfig) -> dict:
@@ -126,10 +141,10 @@ def step_register(cfg: PipelineConfig) -> dict:
     from gensar_core import registry
     from gensar_core.model.train import trained_model_dir
 
-    rankers = generative_rankers(cfg)
-    if not rankers:
+    ranker = generative_ranker(cfg)
+    if ranker is None:
         raise FileNotFoundError(f"no trained model at {trained_model_dir(cfg)}: run train first")
-    return registry.register(cfg, trained_model_dir(cfg), registry.gate_metrics(cfg, rankers["gensar"]))
+    return registry.register(cfg, trained_model_dir(cfg), registry.gate_metrics(cfg, ranker))
 
 
 def step_batch_score(cfg: PipelineConfig, partition: int | None = None) -> dict:

@@ -60,10 +60,18 @@ def register(cfg: PipelineConfig, model_dir: str | Path, metrics: dict[str, floa
         with tempfile.TemporaryDirectory() as tmp:
             settings = Path(tmp) / "settings.json"
             settings.write_text(json.dumps(ranker_settings(cfg)))
+            identifiers = Path(cfg.warehouse) / "identifiers" / "items"
+            if cfg.corpus.id_scheme != "dual":  # the table as this model speaks it
+                from gensar_core.model.corpus import apply_id_scheme
+                from gensar_core.storage import read_table
+
+                identifiers = Path(tmp) / "items.parquet"
+                apply_id_scheme(read_table(Path(cfg.warehouse) / "identifiers" / "items"),
+                                cfg.corpus.id_scheme).to_parquet(identifiers, index=False)
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(SERVING_CODE),
                 artifacts={"model": str(model_dir),
-                           "identifiers": str(Path(cfg.warehouse) / "identifiers" / "items"),
+                           "identifiers": str(identifiers),
                            "settings": str(settings)},
                 code_paths=[str(Path(__file__).parent)],
                 pip_requirements=_requirements(), registered_model_name=name)

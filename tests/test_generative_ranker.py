@@ -36,3 +36,29 @@ def test_ranker_under_both_protocols(trained):
         for task in ("rec", "search"):
             m = result[protocol][task]
             assert m is not None and 0.0 <= m["NDCG@10"] <= 1.0 and m["HR@10"] >= m["HR@1"]
+
+
+def test_tiger_style_variant_in_the_same_report(toy_model, tmp_path):
+    """A single-ID (semantic IDs everywhere) model trained beside GenSAR is evaluated as a variant."""
+    import shutil
+
+    from gensar_core.config import with_overrides
+    from gensar_core.evaluate.run import run_evaluate
+    from gensar_core.pipeline import step_build_corpus, step_train
+
+    shutil.copytree(toy_model.warehouse, tmp_path / "wh")
+    cfg = with_overrides(toy_model, [f"warehouse={tmp_path / 'wh'}", "tracking.enabled=false",
+                                     'evaluate.variants={"tiger-style": ["corpus.id_scheme=semantic"]}',
+                                     "evaluate.protocols=[full]"])
+    tiger = with_overrides(cfg, ["corpus.id_scheme=semantic"])
+    step_build_corpus(tiger)
+    rec = Warehouse(tiger.warehouse).read("corpus/rec")
+    assert rec["target_text"].str.contains(r"<rec_item><a_\d+><b_\d+><s_\d+><t_\d+>", regex=True).all()
+    step_train(tiger)
+    rankers = generative_rankers(cfg)
+    assert set(rankers) == {"gensar", "tiger-style"}
+    # the single-ID model decodes semantic IDs for recommendation too; GenSAR collaborative ones
+    tiger, gensar = rankers["tiger-style"].sequences, rankers["gensar"].sequences
+    assert (tiger["rec"] == tiger["search"]).all() and not (gensar["rec"] == gensar["search"]).all()
+    result = run_evaluate(cfg, extra_rankers=rankers)
+    assert {"gensar", "tiger-style"} <= set(result["methods"])

@@ -66,6 +66,18 @@ def enabled_tasks(ccfg: CorpusConfig) -> list[str]:
 
 
 # ---------------------------------------------------------------- inputs
+def apply_id_scheme(identifiers: pd.DataFrame, scheme: str) -> pd.DataFrame:
+    """The identifier table as a model of `scheme` sees it: 'semantic' (TIGER-style) writes every
+    item with its semantic ID, so recommendation targets and history clicks use it too."""
+    if scheme == "dual":
+        return identifiers
+    out = identifiers.copy()
+    out["collaborative_id"] = out["semantic_id"]
+    if "semantic_codes" in out:
+        out["collaborative_codes"] = out["semantic_codes"]
+    return out
+
+
 def item_identifier_map(identifiers: pd.DataFrame) -> dict[str, ItemIds]:
     if identifiers["item_id"].duplicated().any():
         raise ValueError("identifiers/items: duplicate item_id")
@@ -254,7 +266,8 @@ def run_build_corpus(cfg: PipelineConfig) -> dict:
         valid = wh.read("splits/valid")
     except FileNotFoundError:
         valid = None
-    identifiers = wh.read("identifiers/items", ["item_id", "semantic_id", "collaborative_id"])
+    identifiers = apply_id_scheme(wh.read("identifiers/items", ["item_id", "semantic_id", "collaborative_id"]),
+                                  ccfg.id_scheme)
     items = wh.read("curated/items", ["item_id", "title", "text", "categories"])
     tables = build_corpus(train, valid, identifiers, items, ccfg, seed)
 

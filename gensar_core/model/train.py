@@ -101,7 +101,8 @@ Callback = Callable[[str, TrainState], None]
 
 # ---------------------------------------------------------------- small pieces
 def run_name(cfg: PipelineConfig, tasks: Sequence[str], label: str) -> str:
-    return cfg.train.run_name or f"{label}|{'+'.join(tasks)}"
+    scheme = "" if cfg.corpus.id_scheme == "dual" else f"|{cfg.corpus.id_scheme}-ids"
+    return cfg.train.run_name or f"{label}|{'+'.join(tasks)}{scheme}"
 
 
 def run_slug(name: str) -> str:
