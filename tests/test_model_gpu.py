@@ -8,21 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gensar_core.model.corpus import run_build_corpus
-from gensar_core.model.synthetic import write_toy_warehouse
 from gensar_core.model.train import run_slug, run_train
-from test_model_train import LossRecorder, copy_of, falls, make_cfg
+from test_model_train import LossRecorder, copy_of, falls, make_cfg, toy_root  # noqa: F401 (toy_root: fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 MLFLOW = importlib.util.find_spec("mlflow") is not None
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy") / "warehouse"
-    write_toy_warehouse(root, n_users=24, n_items=30, events_per_user=10, seed=1)
-    run_build_corpus(make_cfg(root))
-    return root
 
 
 @pytest.fixture(autouse=True)
