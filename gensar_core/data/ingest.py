@@ -36,23 +36,17 @@ def _wants_synthetic_search(cfg: PipelineConfig) -> bool:
 
 def _apply_query_file(events: DataFrame, queries: DataFrame) -> tuple[DataFrame, DataFrame]:
     """Amazon: reviews that match a query-file row become searches. Returns (events, validated queries)."""
-    reason, detail = validate._first_failure([
-        (F.col("error").isNotNull(), "__error__", "line"),
+    q = validate.with_reason(queries, [
         (F.col("user_id").isNull(), "missing_field", "reviewerID"),
         (F.col("item_id").isNull(), "missing_field", "asin"),
         (F.col("query").isNull(), "missing_field", "query"),
     ])
-    q = queries.withColumn("reason", F.when(reason == "__error__", F.col("error")).otherwise(reason))
-    q = validate._keep_first(q.withColumn("detail", detail), ["user_id", "item_id"],
-                             "duplicate_query", "reviewerID, asin")
+    q = validate.keep_first(q, ["user_id", "item_id"], "duplicate_query", "reviewerID, asin")
     good = q.where(F.col("reason").isNull()).select(
         F.col("user_id").alias("_qu"), F.col("item_id").alias("_qi"), F.col("query").alias("_qq"))
     matched_keys = events.select(F.col("user_id").alias("_mu"), F.col("item_id").alias("_mi")).distinct()
     q = q.join(matched_keys, (q["user_id"] == matched_keys["_mu"]) & (q["item_id"] == matched_keys["_mi"]), "left")
-    unmatched = F.col("reason").isNull() & F.col("_mu").isNull()
-    q = (q.withColumn("reason", F.when(unmatched, F.lit("unmatched_query")).otherwise(F.col("reason")))
-          .withColumn("detail", F.when(unmatched, F.lit("reviewerID, asin")).otherwise(F.col("detail")))
-          .drop("_mu", "_mi"))
+    q = validate.reject_where(q, F.col("_mu").isNull(), "unmatched_query", "reviewerID, asin").drop("_mu", "_mi")
     ev = events.join(good, (events["user_id"] == good["_qu"]) & (events["item_id"] == good["_qi"]), "left")
     hit = F.col("_qq").isNotNull()
     ev = (ev.withColumn("behavior", F.when(hit, F.lit("search")).otherwise(F.col("behavior")))

@@ -42,35 +42,36 @@ def parse_timestamp(raw: Column) -> Column:
     return F.floor(F.coalesce(secs_from_num, F.unix_timestamp(iso).cast("double"))).cast("long")
 
 
-def _first_failure(checks: list[tuple[Column, str, str]]) -> tuple[Column, Column]:
-    """(reason, detail) of the first failing check; null where all pass."""
-    reason, detail = None, None
+def with_reason(df: DataFrame, checks: list[tuple[Column, str, str]]) -> DataFrame:
+    """Add `reason`/`detail` of the first failing check, null where all pass. The reader's parse
+    error (`error`: the line could not be decoded or split) always comes first."""
+    reason, detail = F.when(F.col("error").isNotNull(), F.col("error")), F.when(F.col("error").isNotNull(), F.lit("line"))
     for failed, why, what in checks:
-        reason = (F.when(failed, F.lit(why)) if reason is None else reason.when(failed, F.lit(why)))
-        detail = (F.when(failed, F.lit(what)) if detail is None else detail.when(failed, F.lit(what)))
-    return reason, detail
+        reason, detail = reason.when(failed, F.lit(why)), detail.when(failed, F.lit(what))
+    return df.withColumn("reason", reason).withColumn("detail", detail)
 
 
-def _keep_first(df: DataFrame, keys: list[str], reason: str, detail: str) -> DataFrame:
+def reject_where(df: DataFrame, failed: Column, reason: str, detail: str) -> DataFrame:
+    """Reject the rows not yet rejected for which `failed` holds."""
+    hit = F.col("reason").isNull() & failed
+    return (df.withColumn("reason", F.when(hit, F.lit(reason)).otherwise(F.col("reason")))
+              .withColumn("detail", F.when(hit, F.lit(detail)).otherwise(F.col("detail"))))
+
+
+def keep_first(df: DataFrame, keys: list[str], reason: str, detail: str) -> DataFrame:
     """Among rows not yet rejected, reject all but the first (by file and line) of each key."""
     w = Window.partitionBy(*keys).orderBy("source", "row")
-    ok = F.col("reason").isNull()
-    rank = F.when(ok, F.row_number().over(w))
-    dup = ok & (rank > 1)
-    return (df.withColumn("reason", F.when(dup, F.lit(reason)).otherwise(F.col("reason")))
-              .withColumn("detail", F.when(dup, F.lit(detail)).otherwise(F.col("detail"))))
+    rank = F.when(F.col("reason").isNull(), F.row_number().over(w))
+    return reject_where(df, rank > 1, reason, detail)
 
 
 def validate_items(raw: DataFrame) -> DataFrame:
     """Raw items + reason/detail columns (null reason = curated)."""
-    reason, detail = _first_failure([
-        (F.col("error").isNotNull(), "__error__", "line"),
+    df = with_reason(raw, [
         (F.col("item_id").isNull(), "missing_field", "item_id"),
         (F.col("title").isNull() & (F.coalesce(F.length("text"), F.lit(0)) == 0), "missing_field", "title"),
     ])
-    df = raw.withColumn("reason", F.when(reason == "__error__", F.col("error")).otherwise(reason))
-    df = df.withColumn("detail", detail)
-    return _keep_first(df, ["item_id"], "duplicate_item", "item_id")
+    return keep_first(df, ["item_id"], "duplicate_item", "item_id")
 
 
 def curated_items(validated: DataFrame, previous: DataFrame | None = None) -> DataFrame:
@@ -107,7 +108,6 @@ def validate_events(raw: DataFrame, items: DataFrame, ds: str | None) -> DataFra
     df = raw.withColumn("ts", ts)
     behavior_ok = F.col("behavior").isin("rec", "search")
     checks = [
-        (F.col("error").isNotNull(), "__error__", "line"),
         (F.col("user_id").isNull(), "missing_field", "user_id"),
         (F.col("item_id").isNull(), "missing_field", "item_id"),
         (F.col("ts_raw").isNull(), "missing_field", "ts"),
@@ -119,17 +119,12 @@ def validate_events(raw: DataFrame, items: DataFrame, ds: str | None) -> DataFra
     ]
     if cutoff is not None:
         checks.append((F.col("ts") >= cutoff, "after_run_date", f"ts (after the end of ds={ds})"))
-    reason, detail = _first_failure(checks)
-    df = df.withColumn("reason", F.when(reason == "__error__", F.col("error")).otherwise(reason))
-    df = df.withColumn("detail", detail)
+    df = with_reason(df, checks)
 
     known = items.select(F.col("item_id").alias("_known")).distinct()
     df = df.join(F.broadcast(known), df["item_id"] == known["_known"], "left")
-    unknown = F.col("reason").isNull() & F.col("_known").isNull()
-    df = (df.withColumn("reason", F.when(unknown, F.lit("unknown_item")).otherwise(F.col("reason")))
-            .withColumn("detail", F.when(unknown, F.lit("item_id")).otherwise(F.col("detail")))
-            .drop("_known"))
-    return _keep_first(df.withColumn("_q", F.coalesce("query", F.lit(""))),
+    df = reject_where(df, F.col("_known").isNull(), "unknown_item", "item_id").drop("_known")
+    return keep_first(df.withColumn("_q", F.coalesce("query", F.lit(""))),
                        ["user_id", "item_id", "ts", "behavior", "_q"],
                        "duplicate_event", "user_id, item_id, ts, behavior, query").drop("_q")
 
