@@ -119,14 +119,11 @@ def generative_ranker(cfg: PipelineConfig, name: str = "gensar"):
     if not (model_dir / "config.json").exists():
         log.warning("%s: no trained model at %s, left out of the evaluation", name, model_dir)
         return None
-    from gensar_core.model.generative_ranker import GenerativeRanker
+    from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
 
     tasks = [t for t in ("rec", "search") if t in enabled_tasks(cfg.corpus)]
     identifiers = apply_id_scheme(Warehouse(cfg.warehouse).read("identifiers/items"), cfg.corpus.id_scheme)
-    return GenerativeRanker(model_dir, identifiers, beam_size=cfg.evaluate.beam_size,
-                            max_rec_history=cfg.corpus.max_rec_history,
-                            max_search_history=cfg.corpus.max_search_history,
-                            max_input_length=cfg.model.max_input_length, tasks=tasks, name=name)
+    return GenerativeRanker(model_dir, identifiers, **ranker_settings(cfg), tasks=tasks, name=name)
 
 
 def step_evaluate(cfg: PipelineConfig) -> dict:

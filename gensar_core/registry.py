@@ -21,12 +21,6 @@ TASKS = ("rec", "search")
 SERVING_CODE = Path(__file__).with_name("serving_model.py")
 
 
-def ranker_settings(cfg: PipelineConfig) -> dict:
-    return {"beam_size": cfg.evaluate.beam_size, "max_rec_history": cfg.corpus.max_rec_history,
-            "max_search_history": cfg.corpus.max_search_history,
-            "max_input_length": cfg.model.max_input_length}
-
-
 def gate_metrics(cfg: PipelineConfig, ranker) -> dict[str, float]:
     """The gate's numbers for a ranker: `registry.metric` per task, full ranking on `registry.split`."""
     from gensar_core.evaluate.protocols import evaluate_ranker
@@ -53,6 +47,8 @@ def _champion(client, name: str):
 def register(cfg: PipelineConfig, model_dir: str | Path, metrics: dict[str, float]) -> dict:
     """Log `model_dir` as a pyfunc model version and apply the champion gate."""
     import mlflow
+
+    from gensar_core.model.generative_ranker import ranker_settings
 
     name = cfg.registry.model_name
     with tracking.start_run(cfg, f"register {Path(model_dir).name}", tags={"gensar.step": "register"}) as run:

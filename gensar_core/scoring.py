@@ -53,9 +53,10 @@ def latest_histories(events: pd.DataFrame, max_rec: int, max_search: int) -> pd.
     return pd.DataFrame({"user_id": users, "history": [by_user.get(u, []) for u in users]})
 
 
-def rec_cases(events: pd.DataFrame, item_index: dict, active_days: int, max_rec: int, max_search: int) -> pd.DataFrame:
-    """Cases for active users: user_id, history, exclude (item_idx of everything they saw)."""
-    ref = int(events["ts"].max())
+def rec_cases(events: pd.DataFrame, ref: int, item_index: dict, active_days: int, max_rec: int,
+              max_search: int) -> pd.DataFrame:
+    """Cases for users active before the reference time `ref`: user_id, history, exclude (item_idx
+    of everything they saw)."""
     active = events.groupby("user_id")["ts"].max()
     active = set(active[active >= ref - active_days * DAY].index)
     ev = events[events["user_id"].isin(active)]
@@ -66,9 +67,8 @@ def rec_cases(events: pd.DataFrame, item_index: dict, active_days: int, max_rec:
     return cases.reset_index(drop=True)
 
 
-def search_cases(events: pd.DataFrame, max_rec: int, max_search: int) -> pd.DataFrame:
+def search_cases(events: pd.DataFrame, ref: int, max_rec: int, max_search: int) -> pd.DataFrame:
     """Cases for the searches of the reference time's day: user_id, ts, query, history."""
-    ref = int(events["ts"].max())
     day_start = ref - ref % DAY
     ev = order_events(events)
     ev["history"] = histories(ev, max_rec, max_search)
@@ -119,11 +119,15 @@ def run_batch_score(cfg: PipelineConfig, ranker=None, partition: Optional[int] =
     limits = (cfg.corpus.max_rec_history, cfg.corpus.max_search_history)
     folder = wh.path("scores", f"ds={ds}")
     stats = {"ds": ds, "partitions": list(parts), "rec_users": 0, "search_queries": 0}
-    all_rec = rec_cases(events, item_index, scfg.active_days, *limits)
-    all_src = search_cases(events, *limits)
+    ref = int(events["ts"].max())  # over every user, so each partition uses the same day
+    users = pd.Series(events["user_id"].unique())
+    part_of_user = dict(zip(users, partition_of(users, scfg.partitions)))
+    event_part = events["user_id"].map(part_of_user).to_numpy()
     for p in parts:
-        rec = all_rec[partition_of(all_rec["user_id"], scfg.partitions) == p].reset_index(drop=True)
-        src = all_src[partition_of(all_src["user_id"], scfg.partitions) == p].reset_index(drop=True)
+        # a user's cases depend on that user's events only: build them from this partition's
+        mine = events[event_part == p]
+        rec = rec_cases(mine, ref, item_index, scfg.active_days, *limits)
+        src = search_cases(mine, ref, *limits)
         for task, cases in (("rec", rec), ("search", src)):
             t0 = time.perf_counter()
             scored = score_cases(ranker, cases, task, scfg.top_k, item_id_of) if len(cases) else pd.DataFrame()

@@ -31,6 +31,14 @@ log = logging.getLogger(__name__)
 TARGET_ID = {"rec": ("collaborative_id", REC_ITEM), "search": ("semantic_id", SRC_ITEM)}
 
 
+def ranker_settings(cfg) -> dict:
+    """The decoding settings of a config, as GenerativeRanker keyword arguments (also saved with a
+    registered model, so serving decodes the way evaluation did)."""
+    return {"beam_size": cfg.evaluate.beam_size, "max_rec_history": cfg.corpus.max_rec_history,
+            "max_search_history": cfg.corpus.max_search_history,
+            "max_input_length": cfg.model.max_input_length}
+
+
 class GenerativeRanker:
     """Ranks items for 'rec' and 'search' cases with a model folder written by `run_train`."""
 
