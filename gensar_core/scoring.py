@@ -87,14 +87,10 @@ def _write_atomic(df: pd.DataFrame, path: Path) -> None:
 
 def score_cases(ranker, cases: pd.DataFrame, task: str, k: int, item_id_of: np.ndarray) -> pd.DataFrame:
     """Long table: one row per (case, rank) with item_id, item_idx and the model's log-prob."""
-    prompts = ranker.prompts(cases, task)
-    beam = max(ranker.beam_size, k)
-    items, scores = ranker.decode(prompts, task, beam, beam)
     rows = []
-    for c, (row_items, row_scores, ex) in enumerate(zip(items, scores, cases["exclude"])):
-        banned = set(np.asarray(ex).tolist())
-        keep = [(i, s) for i, s in zip(row_items, row_scores) if i >= 0 and i not in banned][:k]
-        rows += [(c, r + 1, int(i), float(s)) for r, (i, s) in enumerate(keep)]
+    ranked = ranker.top_k_unseen(ranker.prompts(cases, task), task, k, cases["exclude"])
+    for c, (items, scores) in enumerate(ranked):
+        rows += [(c, r + 1, int(i), float(s)) for r, (i, s) in enumerate(zip(items, scores))]
     out = pd.DataFrame(rows, columns=["case", "rank", "item_idx", "score"])
     out["item_id"] = item_id_of[out["item_idx"].to_numpy()] if len(out) else pd.Series(dtype=str)
     keys = ["user_id"] if task == "rec" else ["user_id", "ts", "query"]

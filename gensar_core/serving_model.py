@@ -64,13 +64,14 @@ class GenSARModel(PythonModel):
             if task == "search" and cases.loc[rows, "query"].isna().any():
                 raise ValueError("search rows need a 'query'")
             sub = cases.iloc[rows].reset_index(drop=True)
-            beam = max(self.ranker.beam_size, int(ks.iloc[rows].max()))
-            items, scores = self.ranker.decode(self.ranker.prompts(sub, task), task, beam, beam)
-            for j, r in enumerate(rows):
-                banned = set(sub["exclude"][j].tolist()) if task == "rec" else set()
-                keep = [(i, s) for i, s in zip(items[j], scores[j]) if i >= 0 and i not in banned][: int(ks.iloc[r])]
-                out_items[r] = [str(self.item_id_of[i]) for i, _ in keep]
-                out_scores[r] = [float(s) for _, s in keep]
+            # searches may return items the user saw before; recommendations may not
+            exclude = sub["exclude"] if task == "rec" else [()] * len(sub)
+            ranked = self.ranker.top_k_unseen(self.ranker.prompts(sub, task), task,
+                                              int(ks.iloc[rows].max()), exclude)
+            for r, (items, scores) in zip(rows, ranked):
+                k = int(ks.iloc[r])
+                out_items[r] = [str(self.item_id_of[i]) for i in items[:k]]
+                out_scores[r] = [float(s) for s in scores[:k]]
         return pd.DataFrame({"task": df["task"], "items": out_items, "scores": out_scores})
 
 

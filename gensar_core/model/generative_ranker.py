@@ -104,20 +104,26 @@ class GenerativeRanker:
             scores.append(sc.float().cpu().numpy())
         return np.concatenate(items), np.concatenate(scores)
 
+    def top_k_unseen(self, prompts: list[str], task: str, k: int,
+                     exclude: Sequence) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per prompt the k best items outside its `exclude` items, with their log-probs: the beam
+        (at least k wide) over every valid ID, minus the excluded items."""
+        beam = max(self.beam_size, k)
+        items, scores = self.decode(prompts, task, beam, beam)
+        out = []
+        for row_items, row_scores, ex in zip(items, scores, exclude):
+            keep = (row_items >= 0) & ~np.isin(row_items, np.asarray(ex, dtype=np.int64))
+            out.append((row_items[keep][:k], row_scores[keep][:k]))
+        return out
+
     def rank(self, cases: pd.DataFrame, task: str, k: int,
              candidates: Optional[Sequence[np.ndarray]] = None) -> list[np.ndarray]:
         if task not in self.tasks:
             raise NotImplementedError(f"{self.name} is not trained for {task}")
         prompts = self.prompts(cases, task)
         if candidates is None:
-            beam = max(self.beam_size, k)
-            items, _ = self.decode(prompts, task, beam, beam)
             exclude = cases["exclude"] if "exclude" in cases else [()] * len(cases)
-            out = []
-            for row, ex in zip(items, exclude):
-                banned = set(np.asarray(ex, dtype=np.int64).tolist())
-                out.append(np.asarray([i for i in row if i >= 0 and i not in banned][:k], dtype=np.int64))
-            return out
+            return [items.astype(np.int64) for items, _ in self.top_k_unseen(prompts, task, k, exclude)]
         out = []
         for prompt, cand in zip(prompts, candidates):
             cand = np.asarray(cand, dtype=np.int64)
