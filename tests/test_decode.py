@@ -181,7 +181,7 @@ def test_output_head_reproduces_the_model_logits(name, build):
 
 # ---------------------------------------------------------------- beam search == generate
 @pytest.mark.parametrize("kind", ["t5", "mt5", "llama"])
-@pytest.mark.parametrize("normalize", ["vocab", "level"])
+@pytest.mark.parametrize("normalize", ["vocab", "level", "prefix"])
 def test_matches_hf_generate_with_a_trie(models, catalogue, kind, normalize):
     seqs, items, index = catalogue
     model = models[kind]
@@ -314,3 +314,28 @@ def test_benchmark_runs_and_agrees(capsys):
                          "--prompt-len", "10", "--threads", "0"])
     assert report["ours/vocab"]["same_topk"] == 1.0 and report["ours/vocab"]["overlap"] == 1.0
     assert "speed-up over generate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_prefix_normalisation_skips_forced_levels(models, catalogue, kind, monkeypatch):
+    """With "prefix", a level where every prefix has one continuation scores 0 and needs no
+    logits; after the last real choice no decoder pass runs. Still equal to `generate` with the
+    same renormalisation."""
+    seqs, _, _ = catalogue
+    # level 1 is forced by level 0 (a middle forced level), level 3 by levels 0-2 (a forced end)
+    forced = seqs.clone()
+    forced[:, 1] = ID_BASE + CODEBOOK + (seqs[:, 0] - ID_BASE) % CODEBOOK
+    forced[:, 3] = ID_BASE + 3 * CODEBOOK + (seqs[:, 2] - ID_BASE) % CODEBOOK
+    index = PrefixIndex.from_sequences(torch.unique(forced, dim=0))
+    assert index.width[1] == 1 and index.width[3] == 1 and index.width[2] > 1
+    model = models[kind]
+    state = decode._T5Tree if kind == "t5" else decode._Causal
+    calls = []
+    advance = state.advance
+    monkeypatch.setattr(state, "advance", lambda self, *a: calls.append(1) or advance(self, *a))
+    ids, mask = prompts()
+    ours = constrained_beam_search(model, ids, mask, index, BEAM, TOP_K, prefix_tokens=[REC], normalize="prefix")
+    assert len(calls) == 2  # after levels 0 and 1 (level 1's token must enter the cache); none after 2
+    ref = hf_beam_search(model, ids, mask, index, BEAM, TOP_K, prefix_tokens=[REC], normalize="prefix")
+    assert_same(ours, ref)
+    assert bool((ours[1] <= 0).all())

@@ -16,15 +16,21 @@ multiplies the full output layer. Here:
   one row per beam with the cache reordered by beam index;
 - the `PrefixIndex` gives the allowed children of every beam with one gather, one `topk` keeps
   the best `beam_size` candidates per input; no Python loop over beams;
-- logits are computed only where needed (see `normalize`).
+- logits are computed only where needed (see `normalize`), and with "prefix" a step whose every
+  prefix has one continuation (the last level of a sparse catalogue) needs no logits, and the
+  trailing run of such steps no decoder pass at all.
 
 Scores are sums of per-step log-probabilities of the identifier tokens (tokens given in
 `prefix_tokens` are forced and not scored). `normalize` says what each step's softmax runs over:
 
-    "vocab"  the full vocabulary: exactly `generate`'s scores (needs the full output layer)
-    "level"  the tokens step t can ever emit (`index.level_tokens[t]`, at most one codebook): only
-             those rows of the output embedding are multiplied. A trained model puts almost all
-             its mass there, so the ranking is the same in practice; a random model's is not.
+    "prefix" the valid continuations of the beam's prefix (its children in the index): the
+             model's distribution conditioned on writing a valid identifier. Only the rows of the
+             step's codebook are multiplied; a forced token (one child) scores 0. The default.
+    "level"  the tokens step t can ever emit (`index.level_tokens[t]`, at most one codebook).
+    "vocab"  the full vocabulary: exactly `generate`'s scores (needs the full output layer).
+
+A trained model puts almost all its mass on valid tokens, so the three rank alike in practice; a
+random model's do not. `hf_beam_search` reproduces each of them with `generate`.
 
 `hf_beam_search` is the reference, the research code's way: `model.generate(num_beams=...,
 prefix_allowed_tokens_fn=...)` over a Python dict trie. Tests and `bench/decode.py` compare the two.
@@ -42,7 +48,7 @@ from torch import Tensor
 
 from gensar_core.model.prefix_index import PrefixIndex
 
-NORMALIZE = ("vocab", "level")
+NORMALIZE = ("prefix", "level", "vocab")
 PrefixTokens = Optional[Union[Sequence[int], Tensor]]
 
 
@@ -153,6 +159,34 @@ class _BeamTree:
         self.seen = torch.cat([inherited, own], dim=2)
         return self.seen
 
+    @staticmethod
+    def only(seen: Tensor, need: Tensor) -> tuple[Tensor, Tensor]:
+        """The final pass over the beams that `need` it [users, width] (bool), needed ones first:
+        (pick [users, n] beam positions, their visibility [users, n, slots - width + n]). Rows
+        with fewer than n needed beams fill up with others (computed, never wrong, just unused).
+        Their new tokens are appended as n slots, so the tree is not grown past this pass."""
+        users, width, slots = seen.shape
+        n = int(need.sum(1).max())
+        pick = need.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :n]
+        older = seen[:, :, :slots - width].gather(1, pick[:, :, None].expand(-1, -1, slots - width))
+        own = torch.eye(n, dtype=torch.bool, device=seen.device).expand(users, -1, -1)
+        return pick, torch.cat([older, own], dim=2)
+
+
+def _spread(hidden: Tensor, pick: Optional[Tensor], width: int) -> Tensor:
+    """Hidden states of the picked beams [users, n, d] -> [users * width, d], zeros elsewhere."""
+    users, _, d = hidden.shape
+    if pick is None:
+        return hidden.reshape(users * width, d)
+    out = hidden.new_zeros(users, width, d)
+    return out.scatter_(1, pick[:, :, None].expand(-1, -1, d), hidden).view(users * width, d)
+
+
+def _unpack(packed: Tensor, where: Tensor, shape: torch.Size) -> Tensor:
+    """Rows of the real tokens [tokens, w] -> the padded layout [users, S, w], zeros at padding."""
+    out = packed.new_zeros(shape.numel(), packed.shape[-1])
+    return out.index_copy_(0, where, packed).view(*shape, -1)
+
 
 def _additive(visible: Tensor, dtype) -> Tensor:
     """Boolean visibility -> additive attention mask (0 where visible, the dtype's minimum elsewhere)."""
@@ -187,11 +221,12 @@ class _T5Tree:
         self.bias_layer = self.decoder.block[0].layer[0].SelfAttention
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        enc = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        self.dtype = enc.dtype
+        self.dtype = self.decoder.embed_tokens.weight.dtype
         self.enc_mask = _additive(attention_mask.bool()[:, None, None, :], self.dtype)  # [users, 1, 1, S]
-        self.cross = [(self._heads(block.layer[1].EncDecAttention.k(enc)),
-                       self._heads(block.layer[1].EncDecAttention.v(enc))) for block in self.decoder.block]
+        enc, where = self._encode(model.get_encoder(), input_ids, self.enc_mask)
+        cross = [block.layer[1].EncDecAttention for block in self.decoder.block]
+        self.cross = [(self._heads(_unpack(att.k(enc), where, input_ids.shape)),
+                       self._heads(_unpack(att.v(enc), where, input_ids.shape))) for att in cross]
         self.keys: list = [None] * len(self.decoder.block)
         self.values: list = [None] * len(self.decoder.block)
         start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
@@ -202,6 +237,25 @@ class _T5Tree:
 
     def _heads(self, x: Tensor) -> Tensor:  # [users, n, H * d_kv] -> [users, H, n, d_kv]
         return x.view(x.shape[0], x.shape[1], self.heads, self.d_kv).transpose(1, 2)
+
+    def _encode(self, encoder, input_ids: Tensor, enc_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """T5's encoder with its projections and feed-forward run on the real tokens only, packed
+        [tokens, d], so padding costs nothing there; attention runs on the padded layout, so the
+        relative position bias and the result are T5's own. Returns (the packed last hidden
+        states, their flat positions in [users * S])."""
+        shape = input_ids.shape
+        where = (enc_mask.view(-1) == 0).nonzero().squeeze(1)
+        h = encoder.embed_tokens(input_ids.reshape(-1).index_select(0, where))
+        bias = encoder.block[0].layer[0].SelfAttention.compute_bias(shape[1], shape[1]) + enc_mask
+        for block in encoder.block:
+            sa = block.layer[0]
+            att = sa.SelfAttention
+            x = sa.layer_norm(h)
+            q, k, v = (self._heads(_unpack(proj(x), where, shape)) for proj in (att.q, att.k, att.v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+            h = h + att.o(out.transpose(1, 2).reshape(shape.numel(), -1).index_select(0, where))
+            h = block.layer[-1](h)  # T5's feed-forward layer: norm, MLP, residual
+        return encoder.final_layer_norm(h), where
 
     def _position_bias(self, query_depth: Tensor, key_depth: Tensor) -> Tensor:
         att = self.bias_layer
@@ -217,15 +271,21 @@ class _T5Tree:
         bias = self._position_bias(depth, depth) + _additive(causal, self.dtype)
         return self._run(self.first, bias)[:, -1]
 
-    def advance(self, src_rows: Tensor, tokens: Tensor, rows_changed: bool) -> Tensor:
+    def advance(self, src_rows: Tensor, tokens: Tensor, rows_changed: bool,
+                need: Optional[Tensor] = None) -> Tensor:
         seen = self.tree.grow(src_rows)  # [users, width, generated slots]
         users, width, _ = seen.shape
+        tokens, pick = tokens.view(users, width), None
+        if need is not None:
+            pick, seen = _BeamTree.only(seen, need.view(users, width))
+            tokens = tokens.gather(1, pick)
+        n = tokens.shape[1]
         depth = self.key_depth[-1:] + 1
-        self.key_depth = torch.cat([self.key_depth, depth.expand(width)])
-        trunk = seen.new_ones(users, width, self.trunk)
-        visible = torch.cat([trunk, seen], dim=2)[:, None]  # [users, 1, width, keys]
+        self.key_depth = torch.cat([self.key_depth, depth.expand(n)])
+        trunk = seen.new_ones(users, n, self.trunk)
+        visible = torch.cat([trunk, seen], dim=2)[:, None]  # [users, 1, n, keys]
         bias = self._position_bias(depth, self.key_depth) + _additive(visible, self.dtype)
-        return self._run(tokens.view(users, width), bias).reshape(users * width, -1)
+        return _spread(self._run(tokens, bias), pick, width)
 
     def _run(self, ids: Tensor, self_bias: Tensor) -> Tensor:
         users, n = ids.shape
@@ -271,8 +331,9 @@ class _Seq2Seq:
     def start(self) -> Tensor:
         return self._run(self.first)
 
-    def advance(self, src_rows: Tensor, tokens: Tensor, rows_changed: bool) -> Tensor:
-        cache = self.cache
+    def advance(self, src_rows: Tensor, tokens: Tensor, rows_changed: bool,
+                need: Optional[Tensor] = None) -> Tensor:
+        cache = self.cache  # one row per beam: every beam is computed, `need` or not
         if hasattr(cache, "self_attention_cache"):
             cache.self_attention_cache.reorder_cache(src_rows)
             if rows_changed:  # beams of one input share their cross-attention cache rows
@@ -323,8 +384,9 @@ class _Causal:
         self.next_position = position[:, -1] + 1  # [users]
         return self._run(self.ids, None if self.mask.all() else self.mask, position)[:, -1]
 
-    def advance(self, src_rows: Tensor, tokens: Tensor, rows_changed: bool) -> Tensor:
-        if not self.as_tree:
+    def advance(self, src_rows: Tensor, tokens: Tensor, rows_changed: bool,
+                need: Optional[Tensor] = None) -> Tensor:
+        if not self.as_tree:  # one row per beam: every beam is computed, `need` or not
             self.cache.reorder_cache(src_rows)
             if rows_changed:
                 self.mask = self.mask.index_select(0, src_rows)
@@ -335,11 +397,15 @@ class _Causal:
             return self._run(tokens[:, None], self.mask, position)[:, -1]
         seen = self.tree.grow(src_rows)
         users, width, _ = seen.shape
-        visible = torch.cat([self.mask[:, None, :].expand(-1, width, -1), seen], dim=2)[:, None]
-        position = self.next_position[:, None].expand(-1, width)
+        tokens, pick = tokens.view(users, width), None
+        if need is not None:
+            pick, seen = _BeamTree.only(seen, need.view(users, width))
+            tokens = tokens.gather(1, pick)
+        n = tokens.shape[1]
+        visible = torch.cat([self.mask[:, None, :].expand(-1, n, -1), seen], dim=2)[:, None]
+        position = self.next_position[:, None].expand(-1, n)
         self.next_position = self.next_position + 1
-        hidden = self._run(tokens.view(users, width), _additive(visible, self.dtype), position)
-        return hidden.reshape(users * width, -1)
+        return _spread(self._run(tokens, _additive(visible, self.dtype), position), pick, width)
 
     def _run(self, ids: Tensor, mask: Optional[Tensor], position: Tensor) -> Tensor:
         out = self.body(input_ids=ids, attention_mask=mask, position_ids=position,
@@ -363,7 +429,7 @@ def _prefix_matrix(prefix_tokens: PrefixTokens, users: int, device) -> Tensor:
 @torch.inference_mode()
 def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[Tensor], index: PrefixIndex,
                             beam_size: int, top_k: int, prefix_tokens: PrefixTokens = None,
-                            normalize: str = "level") -> tuple[Tensor, Tensor]:
+                            normalize: str = "prefix") -> tuple[Tensor, Tensor]:
     """Top-`top_k` items of each input, by beam search over the valid sequences of `index`.
 
     input_ids / attention_mask [B, S]: encoder inputs (seq2seq) or left-padded prompts (decoder-
@@ -380,8 +446,11 @@ def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[T
     users = input_ids.shape[0]
     prefix = _prefix_matrix(prefix_tokens, users, device)
     head = OutputHead.of(model)
-    if normalize == "level":
+    if normalize != "vocab":
         level_rows = [head.rows(tokens) for tokens in index.level_tokens]
+    # with "prefix", a level whose every node has one child is forced: no logits; the decoder
+    # state is advanced only while a later level still has a choice to score
+    scored = [normalize != "prefix" or width > 1 for width in index.width]
 
     was_training = model.training
     if was_training:
@@ -398,7 +467,12 @@ def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[T
         scores = torch.zeros(users, device=device)
         for level in range(index.levels):
             child, valid = index.children(level, nodes)  # [rows, C]
-            if normalize == "level":
+            if not scored[level]:
+                logp = torch.zeros(child.shape, device=device)
+            elif normalize == "prefix":
+                logits = head.apply(hidden, *level_rows[level]).gather(1, index.column[level][child])
+                logp = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+            elif normalize == "level":
                 logp = torch.log_softmax(head.apply(hidden, *level_rows[level]), dim=-1)
                 logp = logp.gather(1, index.column[level][child])
             else:
@@ -409,10 +483,18 @@ def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[T
             scores, pos = cand.view(users, width * n_child).topk(new_width, dim=1)  # sorted, best first
             nodes = child.view(users, width * n_child).gather(1, pos).view(-1)
             scores = scores.reshape(-1)
-            if level + 1 < index.levels:
+            if any(scored[level + 1:]):
                 src = (torch.div(pos, n_child, rounding_mode="floor")
                        + torch.arange(users, device=device)[:, None] * width).view(-1)
-                hidden = state.advance(src, index.token[level][nodes], new_width != width)
+                need = None
+                if normalize == "prefix" and not any(scored[level + 2:]):
+                    # the last pass that scores anything: only beams with more than one
+                    # continuation need it (with a sparse catalogue, few do); the others score 0
+                    need = index.ptr[level + 1][nodes + 1] - index.ptr[level + 1][nodes] > 1
+                if need is None or bool(need.any()):
+                    hidden = state.advance(src, index.token[level][nodes], new_width != width, need)
+                else:
+                    hidden = hidden.new_zeros(users * new_width, hidden.shape[-1])
             width = new_width
     finally:
         if was_training:
@@ -438,7 +520,8 @@ def hf_beam_search(model, input_ids: Tensor, attention_mask: Optional[Tensor], i
     `model.generate` with beam search and `prefix_allowed_tokens_fn` walking a Python dict trie
     for every beam at every step (length_penalty 0, so scores are plain sums of log-probs). With
     normalize="level" a logits processor renormalises each step over `index.level_tokens[t]`
-    before the trie mask, which gives `constrained_beam_search`'s "level" scores.
+    before the trie mask, with normalize="prefix" another one renormalises over the allowed
+    tokens after it, which give `constrained_beam_search`'s "level" and "prefix" scores.
     """
     from transformers import LogitsProcessor, LogitsProcessorList
     from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
@@ -484,6 +567,14 @@ def hf_beam_search(model, input_ids: Tensor, attention_mask: Optional[Tensor], i
 
         processors.append(LevelNormalise())
         processors.append(PrefixConstrainedLogitsProcessor(allowed, beam_size))
+        constraint = {}
+    elif normalize == "prefix":
+        class AllowedNormalise(LogitsProcessor):
+            def __call__(self, ids, scores):
+                return scores.log_softmax(dim=-1)
+
+        processors.append(PrefixConstrainedLogitsProcessor(allowed, beam_size))
+        processors.append(AllowedNormalise())
         constraint = {}
     else:
         constraint = {"prefix_allowed_tokens_fn": allowed}
