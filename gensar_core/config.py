@@ -374,6 +374,10 @@ class EvaluateConfig(_Strict):
     batch_size: int = Field(512, ge=1)
     # generative models: constrained beam width (full ranking keeps the beam's items minus history)
     beam_size: int = Field(20, ge=1)
+    # what each decoding step's softmax runs over (model/decode.py): the prefix's valid
+    # continuations (fastest: forced tokens are not computed), the step's codebook, or the
+    # whole vocabulary (generate's own scores)
+    scoring: Literal["prefix", "level", "vocab"] = "prefix"
     seed: Optional[int] = None  # None: the pipeline seed
     # more trained generative models in the report, by name: config overrides that select each one
     # (e.g. the rec-only variant: {"gensar-rec-only": ["corpus.tasks.search.enabled=false", ...]});

@@ -62,3 +62,22 @@ def test_tiger_style_variant_in_the_same_report(toy_model, tmp_path):
     assert (tiger["rec"] == tiger["search"]).all() and not (gensar["rec"] == gensar["search"]).all()
     result = run_evaluate(cfg, extra_rankers=rankers)
     assert {"gensar", "tiger-style"} <= set(result["methods"])
+
+
+def test_scoring_setting_reaches_the_decoder(trained):
+    """`evaluate.scoring` picks the decoder's softmax: the prefix-renormalised log-probs are never
+    below the full-vocabulary ones of the same items (they divide by less mass)."""
+    from gensar_core.config import with_overrides
+
+    ctx = EvalContext(trained)
+    cases = ctx.cases("test", "rec").head(4)
+    scores = {}
+    for scoring in ("prefix", "vocab"):
+        ranker = generative_rankers(with_overrides(trained, [f"evaluate.scoring={scoring}"]))["gensar"]
+        assert ranker.scoring == scoring
+        items, sc = ranker.decode(ranker.prompts(cases, "rec"), "rec", beam=5, top_k=5)
+        scores[scoring] = {(row, item): score for row in range(len(items))
+                           for item, score in zip(items[row].tolist(), sc[row].tolist())}
+        assert (sc <= 1e-6).all()
+    common = set(scores["prefix"]) & set(scores["vocab"])
+    assert common and all(scores["prefix"][i] >= scores["vocab"][i] - 1e-5 for i in common)

@@ -34,7 +34,8 @@ TARGET_ID = {"rec": ("collaborative_id", REC_ITEM), "search": ("semantic_id", SR
 def ranker_settings(cfg) -> dict:
     """The decoding settings of a config, as GenerativeRanker keyword arguments (also saved with a
     registered model, so serving decodes the way evaluation did)."""
-    return {"beam_size": cfg.evaluate.beam_size, "max_rec_history": cfg.corpus.max_rec_history,
+    return {"beam_size": cfg.evaluate.beam_size, "scoring": cfg.evaluate.scoring,
+            "max_rec_history": cfg.corpus.max_rec_history,
             "max_search_history": cfg.corpus.max_search_history,
             "max_input_length": cfg.model.max_input_length}
 
@@ -43,16 +44,17 @@ class GenerativeRanker:
     """Ranks items for 'rec' and 'search' cases with a model folder written by `run_train`."""
 
     def __init__(self, model_dir: str | Path, identifiers: pd.DataFrame, *, beam_size: int = 20,
-                 batch_size: int = 16, max_rec_history: int = 5, max_search_history: int = 5,
+                 scoring: str = "prefix", batch_size: int = 16, max_rec_history: int = 5, max_search_history: int = 5,
                  max_input_length: int = 192, device: Optional[str] = None, name: str = "gensar",
                  tasks: Sequence[str] = ("rec", "search")):
         self.backbone = load_trained(model_dir, device=device)
         self.model, self.tokenizer, self.kind = self.backbone.model, self.backbone.tokenizer, self.backbone.kind
         self.device = next(self.model.parameters()).device
-        self.beam_size, self.batch_size = beam_size, batch_size
+        self.beam_size, self.scoring, self.batch_size = beam_size, scoring, batch_size
         self.max_rec, self.max_search, self.max_input = max_rec_history, max_search_history, max_input_length
         self.name, self.tasks = name, tuple(tasks)
-        self.description = f"generative model {Path(model_dir).name}, constrained beam {beam_size}"
+        self.description = (f"generative model {Path(model_dir).name}, constrained beam {beam_size}, "
+                            f"{scoring} scoring")
         ids = identifiers.sort_values("item_idx").reset_index(drop=True)
         self.item_idx = ids["item_idx"].to_numpy(np.int64)
         self.item_ids = {str(r.item_id): ItemIds(r.semantic_id, r.collaborative_id) for r in ids.itertuples()}
@@ -99,7 +101,8 @@ class GenerativeRanker:
         for start in range(0, len(prompts), self.batch_size):
             input_ids, mask = self._batch(prompts[start:start + self.batch_size])
             it, sc = constrained_beam_search(self.model, input_ids, mask, index, beam_size=beam,
-                                             top_k=top_k, prefix_tokens=self.prefix[task])
+                                             top_k=top_k, prefix_tokens=self.prefix[task],
+                                             normalize=self.scoring)
             items.append(it.cpu().numpy())
             scores.append(sc.float().cpu().numpy())
         return np.concatenate(items), np.concatenate(scores)
