@@ -7,7 +7,8 @@ work is: `generate` copies the encoder output (seq2seq) or the whole prompt (dec
 beam, recomputes cross-attention keys per beam, copies every cache per step to reorder it, and
 multiplies the full output layer. Here:
 
-- the encoder / the prompt run once per input; cross-attention keys and values too;
+- the encoder / the prompt run once per input; cross-attention keys and values too; T5's
+  encoder runs its projections and feed-forward on the real tokens only (packed), not on padding;
 - an input's beams share one row: each step appends the beams' new tokens to that row's KV cache
   and an attention mask lets a token see only the prompt and its own ancestors (a beam tree), so
   nothing is copied per beam and no cache is reordered (T5 and mT5: `_T5Tree`, which also takes
@@ -16,9 +17,11 @@ multiplies the full output layer. Here:
   one row per beam with the cache reordered by beam index;
 - the `PrefixIndex` gives the allowed children of every beam with one gather, one `topk` keeps
   the best `beam_size` candidates per input; no Python loop over beams;
-- logits are computed only where needed (see `normalize`), and with "prefix" a step whose every
-  prefix has one continuation (the last level of a sparse catalogue) needs no logits, and the
-  trailing run of such steps no decoder pass at all.
+- logits are computed only where needed (see `normalize`). With "prefix", a token that is its
+  prefix's only continuation is forced (scores 0) and needs no logits: a level where every prefix
+  has one child is skipped, the trailing run of such levels needs no decoder pass, and the last
+  pass runs only for the beams that still have a choice (with 1,682 items and 256 codes a level,
+  after two tokens few do).
 
 Scores are sums of per-step log-probabilities of the identifier tokens (tokens given in
 `prefix_tokens` are forced and not scored). `normalize` says what each step's softmax runs over:
@@ -30,10 +33,11 @@ Scores are sums of per-step log-probabilities of the identifier tokens (tokens g
     "vocab"  the full vocabulary: exactly `generate`'s scores (needs the full output layer).
 
 A trained model puts almost all its mass on valid tokens, so the three rank alike in practice; a
-random model's do not. `hf_beam_search` reproduces each of them with `generate`.
+random model's do not.
 
 `hf_beam_search` is the reference, the research code's way: `model.generate(num_beams=...,
-prefix_allowed_tokens_fn=...)` over a Python dict trie. Tests and `bench/decode.py` compare the two.
+prefix_allowed_tokens_fn=...)` over a Python dict trie, with logits processors that reproduce
+each scoring. Tests and `bench/decode.py` compare the two.
 """
 from __future__ import annotations
 
