@@ -36,6 +36,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/quantiser.py
+	$(PY) bench/decode.py
 
 clean:
 	rm -rf .gensar

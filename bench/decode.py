@@ -20,7 +20,7 @@ Batches alternate between the decoders, so load from other processes skews the r
 
     python bench/decode.py                      # random small T5 (~8.8M), 1,682 items, codebook 256
     python bench/decode.py --kind causal        # random small Llama instead
-    python bench/decode.py --model runs/model --warehouse .gensar/warehouse [--id collaborative]
+    python bench/decode.py --model .gensar/warehouse/models/<run> --warehouse .gensar/warehouse [--id semantic]
 """
 from __future__ import annotations
 
@@ -67,24 +67,56 @@ def random_identifiers(items: int, levels: int, codebook: int, seed: int) -> tor
     return codes[torch.randperm(len(codes), generator=g)[:items]]
 
 
-def catalogue(args, token_id) -> tuple[list[str], torch.Tensor]:
-    """ID strings and item indices: from the warehouse's identifiers/items, or random."""
-    if args.warehouse:
-        from gensar_core.storage import Warehouse
-
-        table = Warehouse(args.warehouse).read("identifiers/items", columns=["item_idx", f"{args.id}_id"])
-        return table[f"{args.id}_id"].tolist(), torch.tensor(table["item_idx"].to_numpy())
+def random_setup(args):
+    """A random model, a random catalogue and random prompts (left-padded, lengths vary)."""
+    extra = vocabulary(2, args.levels - 2, args.codebook) + list(BEHAVIOUR)
+    table = {tok: args.words + i for i, tok in enumerate(extra)}
+    token_id = lambda toks: [table[t] for t in toks]  # noqa: E731
+    vocab_size = args.words + len(extra)
+    model = random_model(args.kind, vocab_size, args)
     letters = token_letters(2, args.levels - 2)
     letters = letters.semantic_id if args.id == "semantic" else letters.collaborative_id
     codes = random_identifiers(args.items, args.levels, args.codebook, args.seed)
-    return [format_id(c, letters) for c in codes.tolist()], torch.arange(len(codes))
+    identifiers = [format_id(c, letters) for c in codes.tolist()]
+    index = PrefixIndex.from_identifiers(identifiers, token_id, torch.arange(len(codes)))
+    prefix = token_id(["<rec_item>" if args.id == "collaborative" else "<src_item>"])
+    g = torch.Generator().manual_seed(args.seed + 1)
+    batches = []
+    for _ in range(args.batches + 1):  # the first one warms both up
+        ids = torch.randint(3, vocab_size, (args.batch, args.prompt_len), generator=g)
+        mask = torch.ones_like(ids)
+        lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch,), generator=g)
+        for row, n in enumerate(lengths.tolist()):  # left padding: fine for both model kinds
+            mask[row, : args.prompt_len - n] = 0
+            ids[row, : args.prompt_len - n] = 0
+        batches.append((ids, mask))
+    return model, index, prefix, batches
+
+
+def trained_setup(args):
+    """A trained model folder and its warehouse: the real catalogue and real prompts, the test
+    split's cases of the task (`--id collaborative`: recommendation, `semantic`: search) written
+    as evaluation writes them."""
+    from gensar_core.model.generative_ranker import GenerativeRanker
+    from gensar_core.storage import Warehouse
+
+    if not args.warehouse:
+        raise SystemExit("--model needs --warehouse (the warehouse whose identifiers it was trained on)")
+    wh = Warehouse(args.warehouse)
+    ranker = GenerativeRanker(args.model, wh.read("identifiers/items"), beam_size=args.beam)
+    task = "rec" if args.id == "collaborative" else "search"
+    cases = wh.read("splits/test")
+    cases = cases[cases["behavior"] == task].head(args.batch * (args.batches + 1))
+    prompts = ranker.prompts(cases, task)
+    batches = [ranker.encode(prompts[i:i + args.batch]) for i in range(0, len(prompts), args.batch)]
+    return ranker.model, ranker.index[task], ranker.prefix[task], batches[: args.batches + 1]
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", choices=["t5", "causal"], default="t5", help="random model kind")
-    ap.add_argument("--model", default=None, help="a trained model folder (model + tokenizer)")
-    ap.add_argument("--warehouse", default=None, help="read identifiers/items here")
+    ap.add_argument("--model", default=None, help="a trained model folder (models/<run> of a warehouse)")
+    ap.add_argument("--warehouse", default=None, help="with --model: its warehouse (identifiers, test cases)")
     ap.add_argument("--id", choices=["semantic", "collaborative"], default="collaborative")
     ap.add_argument("--items", type=int, default=1682)
     ap.add_argument("--levels", type=int, default=4)
@@ -106,42 +138,17 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     if args.model:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(args.model).is_encoder_decoder \
-            else AutoModelForCausalLM
-        model = auto.from_pretrained(args.model).eval()
-        token_id = tokenizer.convert_tokens_to_ids
+        model, index, prefix, batches = trained_setup(args)
         vocab_size = model.get_output_embeddings().weight.shape[0]
     else:
-        extra = vocabulary(2, args.levels - 2, args.codebook) + list(BEHAVIOUR)
-        table = {tok: args.words + i for i, tok in enumerate(extra)}
-        token_id = lambda toks: [table[t] for t in toks]  # noqa: E731
-        vocab_size = args.words + len(extra)
-        model = random_model(args.kind, vocab_size, args)
-    identifiers, item_idx = catalogue(args, token_id)
-    index = PrefixIndex.from_identifiers(identifiers, token_id, item_idx)
-    behaviour = token_id(["<rec_item>" if args.id == "collaborative" else "<src_item>"])
-    unknown = (None, getattr(tokenizer, "unk_token_id", None)) if args.model else (None,)
-    prefix = None if behaviour[0] in unknown else behaviour
-
-    g = torch.Generator().manual_seed(args.seed + 1)
-    batches = []
-    for _ in range(args.batches + 1):  # the first one warms both up
-        ids = torch.randint(3, vocab_size, (args.batch, args.prompt_len), generator=g)
-        mask = torch.ones_like(ids)
-        lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch,), generator=g)
-        for row, n in enumerate(lengths.tolist()):  # left padding: fine for both model kinds
-            mask[row, : args.prompt_len - n] = 0
-            ids[row, : args.prompt_len - n] = 0
-        batches.append((ids, mask))
+        model, index, prefix, batches = random_setup(args)
+        vocab_size = model.get_output_embeddings().weight.shape[0]
 
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {type(model).__name__} {params / 1e6:.1f}M params, vocab {vocab_size}; catalogue "
           f"{index.nodes(index.levels)} items x {index.levels} levels (widths {index.width}); "
           f"beam {args.beam}, top-{args.top_k}, batch {args.batch}, {args.batches} batches, "
-          f"prompt <= {args.prompt_len}, threads {torch.get_num_threads()}")
+          f"prompt <= {max(ids.shape[1] for ids, _ in batches)}, threads {torch.get_num_threads()}")
 
     # "hf" is the research code's way and the speed baseline; "hf/prefix" is generate with ours'
     # default scoring (renormalised over the allowed tokens), the reference ours/prefix must match

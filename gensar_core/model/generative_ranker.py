@@ -78,7 +78,8 @@ class GenerativeRanker:
             out.append(fill(template, history=text, query=(query or "").strip()))
         return out
 
-    def _batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (input_ids, attention_mask) [B, S] on the model's device, padded for its kind."""
         ids = encode_prompts(self.tokenizer, self.kind, prompts, self.max_input)
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -99,7 +100,7 @@ class GenerativeRanker:
         index = index if index is not None else self.index[task]
         items, scores = [], []
         for start in range(0, len(prompts), self.batch_size):
-            input_ids, mask = self._batch(prompts[start:start + self.batch_size])
+            input_ids, mask = self.encode(prompts[start:start + self.batch_size])
             it, sc = constrained_beam_search(self.model, input_ids, mask, index, beam_size=beam,
                                              top_k=top_k, prefix_tokens=self.prefix[task],
                                              normalize=self.scoring)
