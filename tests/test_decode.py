@@ -339,3 +339,18 @@ def test_prefix_normalisation_skips_forced_levels(models, catalogue, kind, monke
     ref = hf_beam_search(model, ids, mask, index, BEAM, TOP_K, prefix_tokens=[REC], normalize="prefix")
     assert_same(ours, ref)
     assert bool((ours[1] <= 0).all())
+
+
+def test_t5_right_padded_prompts_match_generate(models, catalogue):
+    """The packed T5 encoder takes padding anywhere (the ranker right-pads seq2seq prompts)."""
+    _, _, index = catalogue
+    ids, mask = prompts(users=5, seed=5)
+    right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for row in range(ids.shape[0]):
+        real = ids[row][mask[row].bool()]
+        right_ids[row, :len(real)], right_mask[row, :len(real)] = real, 1
+    model = models["t5"]
+    ours = constrained_beam_search(model, right_ids, right_mask, index, BEAM, TOP_K, prefix_tokens=[REC])
+    assert_same(ours, hf_beam_search(model, right_ids, right_mask, index, BEAM, TOP_K, prefix_tokens=[REC],
+                                     normalize="prefix"))
+    assert_same(ours, constrained_beam_search(model, ids, mask, index, BEAM, TOP_K, prefix_tokens=[REC]))
