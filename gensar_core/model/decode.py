@@ -163,6 +163,19 @@ class _BeamTree:
         self.seen = torch.cat([inherited, own], dim=2)
         return self.seen
 
+    def step(self, src_rows: Tensor, tokens: Tensor,
+             need: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Grow by the chosen beams and their new tokens [users * width]: (visibility [users, n,
+        slots], tokens [users, n], pick). n = width, pick None, unless `need` [users * width]
+        (bool) says the pass is the last one and only some beams need it (see `only`)."""
+        seen = self.grow(src_rows)
+        users, width, _ = seen.shape
+        tokens = tokens.view(users, width)
+        if need is None:
+            return seen, tokens, None
+        pick, seen = self.only(seen, need.view(users, width))
+        return seen, tokens.gather(1, pick), pick
+
     @staticmethod
     def only(seen: Tensor, need: Tensor) -> tuple[Tensor, Tensor]:
         """The final pass over the beams that `need` it [users, width] (bool), needed ones first:
@@ -277,19 +290,14 @@ class _T5Tree:
 
     def advance(self, src_rows: Tensor, tokens: Tensor, rows_changed: bool,
                 need: Optional[Tensor] = None) -> Tensor:
-        seen = self.tree.grow(src_rows)  # [users, width, generated slots]
-        users, width, _ = seen.shape
-        tokens, pick = tokens.view(users, width), None
-        if need is not None:
-            pick, seen = _BeamTree.only(seen, need.view(users, width))
-            tokens = tokens.gather(1, pick)
-        n = tokens.shape[1]
+        seen, tokens, pick = self.tree.step(src_rows, tokens, need)  # [users, n, generated slots]
+        users, n = tokens.shape
         depth = self.key_depth[-1:] + 1
         self.key_depth = torch.cat([self.key_depth, depth.expand(n)])
         trunk = seen.new_ones(users, n, self.trunk)
         visible = torch.cat([trunk, seen], dim=2)[:, None]  # [users, 1, n, keys]
         bias = self._position_bias(depth, self.key_depth) + _additive(visible, self.dtype)
-        return _spread(self._run(tokens, bias), pick, width)
+        return _spread(self._run(tokens, bias), pick, src_rows.numel() // users)
 
     def _run(self, ids: Tensor, self_bias: Tensor) -> Tensor:
         users, n = ids.shape
@@ -399,17 +407,12 @@ class _Causal:
             position = self.next_position[:, None]
             self.next_position = self.next_position + 1
             return self._run(tokens[:, None], self.mask, position)[:, -1]
-        seen = self.tree.grow(src_rows)
-        users, width, _ = seen.shape
-        tokens, pick = tokens.view(users, width), None
-        if need is not None:
-            pick, seen = _BeamTree.only(seen, need.view(users, width))
-            tokens = tokens.gather(1, pick)
-        n = tokens.shape[1]
+        seen, tokens, pick = self.tree.step(src_rows, tokens, need)
+        users, n = tokens.shape
         visible = torch.cat([self.mask[:, None, :].expand(-1, n, -1), seen], dim=2)[:, None]
         position = self.next_position[:, None].expand(-1, n)
         self.next_position = self.next_position + 1
-        return _spread(self._run(tokens, _additive(visible, self.dtype), position), pick, width)
+        return _spread(self._run(tokens, _additive(visible, self.dtype), position), pick, src_rows.numel() // users)
 
     def _run(self, ids: Tensor, mask: Optional[Tensor], position: Tensor) -> Tensor:
         out = self.body(input_ids=ids, attention_mask=mask, position_ids=position,
