@@ -354,3 +354,17 @@ def test_t5_right_padded_prompts_match_generate(models, catalogue):
     assert_same(ours, hf_beam_search(model, right_ids, right_mask, index, BEAM, TOP_K, prefix_tokens=[REC],
                                      normalize="prefix"))
     assert_same(ours, constrained_beam_search(model, ids, mask, index, BEAM, TOP_K, prefix_tokens=[REC]))
+
+
+def test_onednn_linear_equals_the_layer_and_follows_weight_updates():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(3, 5, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(decode._linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # an optimiser step between two evaluations
+    with torch.inference_mode():
+        torch.testing.assert_close(decode._linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
+        wide = torch.nn.Linear(16, 8).double()  # other dtypes: the layer itself
+        torch.testing.assert_close(decode._linear(wide, x.double()), wide(x.double()), atol=0, rtol=0)
