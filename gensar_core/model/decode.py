@@ -60,31 +60,37 @@ PrefixTokens = Optional[Union[Sequence[int], Tensor]]
 _PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+# oneDNN's linear with a dense input and output (the op torch.compile's CPU backend uses)
+_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def _onednn(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return _LINEAR_POINTWISE and x.device.type == "cpu" and x.dtype == torch.float32
 
 
-def _dense(x: Tensor, weight, bias: Optional[Tensor]) -> Tensor:
-    """`x @ weight.T + bias` [..., d] -> [..., out] by oneDNN; `weight` dense or already oneDNN's."""
+def _dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], post: str = "none") -> Tensor:
+    """`x @ weight.T + bias` [..., d] -> [..., out] by oneDNN, then `post` ('none' or 'relu');
+    `weight` dense or already oneDNN's."""
     if not weight.is_mkldnn:
         weight = weight.contiguous().to_mkldnn()
-    out = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).contiguous().to_mkldnn(), weight, bias)
-    return out.to_dense().view(*x.shape[:-1], -1)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, post, [], "")
+    return out.view(*x.shape[:-1], -1)
 
 
-def _linear(layer: torch.nn.Linear, x: Tensor) -> Tensor:
-    """`layer(x)`, through oneDNN for float32 on CPU: torch's float32 CPU matmul goes to MKL,
-    which on AMD processors runs its AVX2 kernels (about 90 GFLOP/s a core on this machine's
-    EPYC, oneDNN's AVX-512 ones about 180). The oneDNN copy of the weight is kept per layer and
-    made again when the weight changes (training between evaluations)."""
+def _linear(layer: torch.nn.Linear, x: Tensor, post: str = "none") -> Tensor:
+    """`layer(x)` (then ReLU with post='relu'), through oneDNN for float32 on CPU: torch's float32
+    CPU matmul goes to MKL, which on AMD processors runs its AVX2 kernels (about 95 GFLOP/s a core
+    on this machine's EPYC, oneDNN's AVX-512 ones about 220). The oneDNN copy of the weight is kept
+    per layer and made again when the weight changes (training between evaluations)."""
     if not _onednn(x):
-        return layer(x)
+        out = layer(x)
+        return F.relu(out) if post == "relu" else out
     weight = layer.weight
     key = (weight.data_ptr(), weight._version)
     entry = _PACKED.get(layer)
     if entry is None or entry[0] != key:
-        entry = _PACKED[layer] = (key, weight.detach().to_mkldnn())
-    return _dense(x, entry[1], layer.bias)
+        entry = _PACKED[layer] = (key, weight.detach().contiguous().to_mkldnn())
+    return _dense(x, entry[1], layer.bias, post)
 
 
 def _t5_feed_forward(layer, h: Tensor) -> Tensor:
@@ -94,6 +100,8 @@ def _t5_feed_forward(layer, h: Tensor) -> Tensor:
     x = layer.layer_norm(h)
     if hasattr(mlp, "wi_0"):
         x = mlp.act(_linear(mlp.wi_0, x)) * _linear(mlp.wi_1, x)
+    elif isinstance(mlp.act, torch.nn.ReLU):  # T5's own: fused into the matmul
+        x = _linear(mlp.wi, x, post="relu")
     else:
         x = mlp.act(_linear(mlp.wi, x))
     return h + _linear(mlp.wo, x)
