@@ -4,7 +4,8 @@ Both decoders get the same model, the same catalogue of valid identifiers, the s
 same beam size and top-K:
 
     ours  gensar_core.model.decode.constrained_beam_search: tensor prefix index, encoder / prompt
-          once per input, beams of an input as a tree in one KV-cache row, one topk per step
+          once per input (T5: packed real tokens), beams of an input as a tree in one KV-cache
+          row, one topk per step, forced tokens not computed, T5 matmuls through oneDNN
     hf    model.generate(num_beams=..., num_return_sequences=K, prefix_allowed_tokens_fn=...)
           walking a Python dict trie for every beam at every step (the research code's way)
 
