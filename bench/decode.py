@@ -138,12 +138,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if args.model:
-        model, index, prefix, batches = trained_setup(args)
-        vocab_size = model.get_output_embeddings().weight.shape[0]
-    else:
-        model, index, prefix, batches = random_setup(args)
-        vocab_size = model.get_output_embeddings().weight.shape[0]
+    model, index, prefix, batches = trained_setup(args) if args.model else random_setup(args)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
 
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {type(model).__name__} {params / 1e6:.1f}M params, vocab {vocab_size}; catalogue "
