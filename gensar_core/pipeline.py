@@ -76,9 +76,14 @@ def step_build_corpus(cfg: PipelineConfig) -> dict:
 
 
 def step_train(cfg: PipelineConfig) -> dict:
-    """corpus -> models/<run>/ (safetensors + tokenizer), one MLflow run."""
+    """corpus (prompted) or splits (timeline) -> models/<run>/ (safetensors + tokenizer), one MLflow run."""
     from gensar_core.model.train import run_train
 
+    if cfg.model.formulation == "timeline":
+        # trained from scratch each night: the word-level vocabulary follows the day's queries
+        from gensar_core.model.timeline_train import run_train_timeline
+
+        return run_train_timeline(cfg)
     if cfg.train.init_from_champion:
         from gensar_core import registry
         from gensar_core.model.train import trained_model_dir

@@ -368,3 +368,42 @@ def test_onednn_linear_equals_the_layer_and_follows_weight_updates():
         torch.testing.assert_close(decode._linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
         wide = torch.nn.Linear(16, 8).double()  # other dtypes: the layer itself
         torch.testing.assert_close(decode._linear(wide, x.double()), wide(x.double()), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- banned items (a user's history)
+def test_allowed_counts_count_unbanned_leaves_below_each_node():
+    seqs = torch.tensor([[1, 3], [1, 4], [2, 5]])
+    index = PrefixIndex.from_sequences(seqs, item_ids=torch.tensor([10, 11, 12]))
+    counts = index.allowed_counts([[], [11], [10, 11], [99]])
+    assert counts[0].tolist() == [[3], [2], [1], [3]]
+    assert counts[1].tolist() == [[2, 1], [1, 1], [0, 1], [2, 1]]
+    assert counts[2].tolist() == [[1, 1, 1], [1, 0, 1], [0, 0, 1], [1, 1, 1]]
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+@pytest.mark.parametrize("normalize", ["prefix", "vocab"])
+def test_banned_items_never_decoded_lists_full_and_equal_decode_all_then_exclude(models, catalogue, kind,
+                                                                                  normalize):
+    seqs, items, index = catalogue
+    ids, mask = prompts(users=4)
+    g = torch.Generator().manual_seed(11)
+    banned = [items[torch.randperm(ITEMS, generator=g)[: n]] for n in (0, 20, 120, ITEMS - 3)]
+    # every item decoded (beam = catalogue), then the banned ones dropped: the exact answer
+    all_items, all_scores = constrained_beam_search(models[kind], ids, mask, index, beam_size=ITEMS, top_k=ITEMS,
+                                                    normalize=normalize)
+    got, got_scores = constrained_beam_search(models[kind], ids, mask, index, beam_size=ITEMS, top_k=TOP_K,
+                                              normalize=normalize, banned=banned)
+    for row, ban in enumerate(banned):
+        keep = ~torch.isin(all_items[row], ban)
+        want = all_items[row][keep][:TOP_K]
+        assert got[row, :len(want)].tolist() == want.tolist()
+        torch.testing.assert_close(got_scores[row, :len(want)], all_scores[row][keep][:TOP_K], rtol=1e-4, atol=1e-4)
+    # a real beam: no banned item, full lists where enough items are allowed
+    got, _ = constrained_beam_search(models[kind], ids, mask, index, beam_size=BEAM, top_k=TOP_K,
+                                     normalize=normalize, banned=banned)
+    for row, ban in enumerate(banned):
+        allowed = ITEMS - len(ban)
+        row_items = got[row][got[row] >= 0]
+        assert not torch.isin(row_items, ban).any()
+        assert len(row_items) == min(TOP_K, allowed)
+        assert set(row_items.tolist()) <= set(items.tolist())

@@ -16,6 +16,8 @@ rows without a query are dropped), ordered by (user_id, ts, position), with thes
                 (ts, position), both behaviours interleaved. SASRec's input.
     exclude     unique item_idx of the earlier splits' events: removed from full-catalogue
                 rankings (a target that is itself in there counts as a miss, as in RecBole)
+    timeline    the same events as `seq`, as dicts (behavior, item_id, query): the whole
+                interleaved history a timeline model reads (`history` is capped at 5 + 5)
 """
 from __future__ import annotations
 
@@ -45,6 +47,20 @@ def _sequences(events: pd.DataFrame, item_index: dict[str, int]) -> dict[str, li
     if events.empty:
         return {}
     return user_sequences(events, item_index)
+
+
+def _text(value) -> Optional[str]:
+    return None if value is None or value != value else str(value)
+
+
+def _events(events: pd.DataFrame) -> dict[str, list[dict]]:
+    """user_id -> the user's events as dicts (behavior, item_id, query), ordered as `_sequences`."""
+    ev = events.sort_values(["user_id", "ts", "position"], kind="stable")
+    out: dict[str, list[dict]] = {}
+    for user, item, behavior, query in zip(ev["user_id"].astype(str), ev["item_id"].astype(str),
+                                           ev["behavior"], ev["query"]):
+        out.setdefault(user, []).append({"behavior": behavior, "item_id": item, "query": _text(query)})
+    return out
 
 
 class EvalContext:
@@ -157,7 +173,7 @@ class EvalContext:
         return self._cases[key]
 
     def _build_cases(self, split: str, task: str) -> pd.DataFrame:
-        cols = ["user_id", "item_id", "ts", "position"]
+        cols = ["user_id", "item_id", "ts", "position", "behavior", "query"]
         earlier = [self.split(s)[cols] for s in EARLIER_SPLITS[split]]
         before = _sequences(pd.concat(earlier, ignore_index=True), self.item_index) if earlier else {}
         exclude = {u: np.unique(np.asarray(seq, dtype=np.int64)) for u, seq in before.items()}
@@ -166,14 +182,21 @@ class EvalContext:
         df = self.split(split).sort_values(["user_id", "ts", "position"], kind="stable").reset_index(drop=True)
         targets = df["item_id"].map(self.item_index).to_numpy(dtype=np.int64)
         users = df["user_id"].to_numpy()
-        seqs, so_far, current = [], [], None
+        events_before = _events(pd.concat(earlier, ignore_index=True)) if earlier else {}
+        own = [{"behavior": b, "item_id": i, "query": _text(q)}
+               for b, i, q in zip(df["behavior"], df["item_id"], df["query"])]
+        seqs, timelines, so_far, events, current = [], [], [], [], None
         for i in range(len(df)):
             if users[i] != current:
                 current, so_far = users[i], list(before.get(users[i], []))
+                events = list(events_before.get(users[i], []))
             seqs.append(np.asarray(so_far, dtype=np.int64))
+            timelines.append(list(events))
             so_far.append(int(targets[i]))
+            events.append(own[i])
         df["target"] = targets
         df["seq"] = seqs
+        df["timeline"] = timelines
         df["exclude"] = [exclude.get(u, empty) for u in users]
 
         df = df[df["behavior"] == task]
@@ -192,7 +215,8 @@ class EvalContext:
             np.asarray([self.item_index[str(h["item_id"])] for h in (hist if hist is not None else [])], dtype=np.int64)
             for hist in df["history"]
         ]
-        keep = ["user_id", "item_id", "ts", "position", "query", "history", "target", "history_idx", "seq", "exclude"]
+        keep = ["user_id", "item_id", "ts", "position", "query", "history", "target", "history_idx", "seq", "exclude",
+                "timeline"]
         return df[keep]
 
     def describe(self) -> dict:

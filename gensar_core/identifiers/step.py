@@ -70,12 +70,14 @@ def plot_codebook_usage(metrics: dict, names: list[str], codebook_size: int, pat
 
 
 def run_learn_identifiers(cfg: PipelineConfig) -> dict:
-    icfg = cfg.identifiers
-    token_letters(icfg.shared_levels, icfg.specific_levels)  # fail fast on unnamable level counts
+    from gensar_core.identifiers.sizing import with_size
+
+    token_letters(cfg.identifiers.shared_levels, cfg.identifiers.specific_levels)  # fail fast on unnamable levels
     wh = Warehouse(cfg.warehouse)
     sem_idx, sem = _vectors(wh.read("features/semantic", ["item_idx", "vector"]), "semantic")
     col_idx, col = _vectors(wh.read("features/collaborative", ["item_idx", "vector"]), "collaborative")
     items = wh.read("curated/items", ["item_id", "item_idx"])
+    icfg = with_size(cfg.identifiers, len(items))  # retraining sizes IDs for today's catalogue
     item_id = dict(zip(items["item_idx"].astype(np.int64), items["item_id"].astype(str)))
 
     missing_sem = np.setdiff1d(col_idx, sem_idx)

@@ -62,6 +62,8 @@ class Backbone:
 
 
 def backbone_label(mcfg: ModelConfig) -> str:
+    if mcfg.formulation == "timeline":
+        return "timeline-llama"
     if mcfg.backbone == "t5-scratch":
         label = "t5-scratch"
     elif mcfg.backbone == "smollm2":

@@ -488,13 +488,16 @@ def _prefix_matrix(prefix_tokens: PrefixTokens, users: int, device) -> Tensor:
 @torch.inference_mode()
 def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[Tensor], index: PrefixIndex,
                             beam_size: int, top_k: int, prefix_tokens: PrefixTokens = None,
-                            normalize: str = "prefix") -> tuple[Tensor, Tensor]:
+                            normalize: str = "prefix", banned: Optional[Sequence] = None) -> tuple[Tensor, Tensor]:
     """Top-`top_k` items of each input, by beam search over the valid sequences of `index`.
 
     input_ids / attention_mask [B, S]: encoder inputs (seq2seq) or left-padded prompts (decoder-
     only). prefix_tokens [P] or [B, P]: tokens forced right after the decoder start / the prompt
-    (e.g. the behaviour token `<rec_item>`), not scored. Returns (items [B, K] long, scores [B, K]
-    float, best first); an input with fewer than K reachable sequences gets item -1, score -inf.
+    (e.g. the behaviour token `<rec_item>`), not scored. banned: per input, the items it must
+    never return (a user's history): no beam is spent on them, nor on a prefix with no other
+    item below it (see `allowed_counts`); the scores of the other items are the ones an
+    unbanned search gives them. Returns (items [B, K] long, scores [B, K] float, best first); an
+    input with fewer than K reachable sequences gets item -1, score -inf.
     """
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
@@ -504,6 +507,7 @@ def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[T
     index = index if index.leaf_item.device == device else index.to(device)
     users = input_ids.shape[0]
     prefix = _prefix_matrix(prefix_tokens, users, device)
+    allowed = None if banned is None else index.allowed_counts(banned)
     head = OutputHead.of(model)
     if normalize != "vocab":
         level_rows = [head.rows(tokens) for tokens in index.level_tokens]
@@ -536,6 +540,9 @@ def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[T
                 logp = logp.gather(1, index.column[level][child])
             else:
                 logp = torch.log_softmax(head.logits(hidden), dim=-1).gather(1, index.token[level][child])
+            if allowed is not None:  # after the softmax: the scores stay those of the unbanned model
+                n_rows = child.shape[0]
+                valid = valid & (allowed[level + 1].gather(1, child.view(users, -1)).view(n_rows, -1) > 0)
             cand = (scores[:, None] + logp).masked_fill(~valid, float("-inf"))
             n_child = child.shape[1]
             new_width = min(beam_size, index.nodes(level + 1))

@@ -4,9 +4,9 @@ Recommendation decodes collaborative IDs after a forced `<rec_item>`, search dec
 after a forced `<src_item>`: the same split of needs the model was trained on. Prompts are
 template 0 of the task, exactly as validation examples were written.
 
-Full-catalogue ranking decodes `beam_size` items over every valid ID and drops the case's
-`exclude` items (the user's history) afterwards, so a model that keeps generating items the
-user already saw returns fewer than k and is charged for it. With candidates (the paper's
+Full-catalogue ranking bans the case's `exclude` items (the user's history) inside the beam, as
+a scoring baseline masks them before its top-K: no beam is spent on them and the list holds k
+items whenever k are allowed. With candidates (the paper's
 100-candidate protocol) the prefix index is built from each case's candidates only.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gensar_core.model.backbone import load_trained
+from gensar_core.model.backbone import Backbone, load_trained
 from gensar_core.model.data import encode_prompts
 from gensar_core.model.decode import constrained_beam_search
 from gensar_core.model.prefix_index import PrefixIndex
@@ -43,21 +43,29 @@ def ranker_settings(cfg) -> dict:
 class GenerativeRanker:
     """Ranks items for 'rec' and 'search' cases with a model folder written by `run_train`."""
 
-    def __init__(self, model_dir: str | Path, identifiers: pd.DataFrame, *, beam_size: int = 20,
+    def __init__(self, model_dir: str | Path | Backbone, identifiers: pd.DataFrame, *, beam_size: int = 20,
                  scoring: str = "prefix", batch_size: int = 16, max_rec_history: int = 5, max_search_history: int = 5,
                  max_input_length: int = 192, device: Optional[str] = None, name: str = "gensar",
                  tasks: Sequence[str] = ("rec", "search")):
-        self.backbone = load_trained(model_dir, device=device)
+        # a model folder, or a Backbone in memory (validation during training)
+        self.backbone = model_dir if isinstance(model_dir, Backbone) else load_trained(model_dir, device=device)
         self.model, self.tokenizer, self.kind = self.backbone.model, self.backbone.tokenizer, self.backbone.kind
         self.device = next(self.model.parameters()).device
         self.beam_size, self.scoring, self.batch_size = beam_size, scoring, batch_size
         self.max_rec, self.max_search, self.max_input = max_rec_history, max_search_history, max_input_length
         self.name, self.tasks = name, tuple(tasks)
-        self.description = (f"generative model {Path(model_dir).name}, constrained beam {beam_size}, "
-                            f"{scoring} scoring")
+        label = self.backbone.label if isinstance(model_dir, Backbone) else Path(model_dir).name
+        self.description = f"generative model {label}, constrained beam {beam_size}, {scoring} scoring"
         ids = identifiers.sort_values("item_idx").reset_index(drop=True)
         self.item_idx = ids["item_idx"].to_numpy(np.int64)
         self.item_ids = {str(r.item_id): ItemIds(r.semantic_id, r.collaborative_id) for r in ids.itertuples()}
+        # a timeline model (model/timeline.py) reads the whole history, up to its window length
+        self.timeline = None
+        if self.backbone.source.get("formulation") == "timeline":
+            from gensar_core.model.timeline import TimelineCodec
+
+            self.timeline = TimelineCodec.of(self.tokenizer, self.item_ids)
+            self.max_input = int(self.backbone.source["max_len"])
         self.sequences, self.index, self.prefix = {}, {}, {}
         for task, (column, behaviour) in TARGET_ID.items():
             full = PrefixIndex.from_identifiers(ids[column].tolist(), self.tokenizer, item_ids=self.item_idx)
@@ -68,9 +76,14 @@ class GenerativeRanker:
 
     # ------------------------------------------------------------------ prompts
     def prompts(self, cases: pd.DataFrame, task: str) -> list[str]:
+        queries = cases["query"] if "query" in cases else [None] * len(cases)
+        if self.timeline is not None:  # the whole history when the cases have it (evaluation)
+            histories = cases["timeline"] if "timeline" in cases else cases["history"]
+            return [self.timeline.prompt(h if h is not None else [], task, q, self.max_input)
+                    for h, q in zip(histories, queries)]
         template = templates(task)[0]
         out = []
-        for history, query in zip(cases["history"], cases["query"] if "query" in cases else [None] * len(cases)):
+        for history, query in zip(cases["history"], queries):
             # an item without an ID (added to the catalogue after this model's table) cannot be
             # written in the prompt: it is left out of the history rather than failing the case
             events = [e for e in (history if history is not None else []) if str(e["item_id"]) in self.item_ids]
@@ -95,30 +108,29 @@ class GenerativeRanker:
     # ------------------------------------------------------------------ ranking
     @torch.inference_mode()
     def decode(self, prompts: list[str], task: str, beam: int, top_k: int,
-               index: Optional[PrefixIndex] = None) -> tuple[np.ndarray, np.ndarray]:
-        """(items [B, top_k], scores [B, top_k]) for prompts of one task, item -1 where none."""
+               index: Optional[PrefixIndex] = None, banned: Optional[Sequence] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(items [B, top_k], scores [B, top_k]) for prompts of one task, item -1 where none;
+        `banned` (per prompt) items are never decoded."""
         index = index if index is not None else self.index[task]
         items, scores = [], []
         for start in range(0, len(prompts), self.batch_size):
             input_ids, mask = self.encode(prompts[start:start + self.batch_size])
+            ban = None if banned is None else list(banned[start:start + self.batch_size])
             it, sc = constrained_beam_search(self.model, input_ids, mask, index, beam_size=beam,
                                              top_k=top_k, prefix_tokens=self.prefix[task],
-                                             normalize=self.scoring)
+                                             normalize=self.scoring, banned=ban)
             items.append(it.cpu().numpy())
             scores.append(sc.float().cpu().numpy())
         return np.concatenate(items), np.concatenate(scores)
 
     def top_k_unseen(self, prompts: list[str], task: str, k: int,
                      exclude: Sequence) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per prompt the k best items outside its `exclude` items, with their log-probs: the beam
-        (at least k wide) over every valid ID, minus the excluded items."""
+        """Per prompt the k best items outside its `exclude` items, with their log-probs: the
+        excluded items are banned inside the beam, so no beam is spent on them and a list is
+        short only when fewer than k items are allowed."""
         beam = max(self.beam_size, k)
-        items, scores = self.decode(prompts, task, beam, beam)
-        out = []
-        for row_items, row_scores, ex in zip(items, scores, exclude):
-            keep = (row_items >= 0) & ~np.isin(row_items, np.asarray(ex, dtype=np.int64))
-            out.append((row_items[keep][:k], row_scores[keep][:k]))
-        return out
+        items, scores = self.decode(prompts, task, beam, k, banned=list(exclude))
+        return [(row_items[row_items >= 0], row_scores[row_items >= 0]) for row_items, row_scores in zip(items, scores)]
 
     def rank(self, cases: pd.DataFrame, task: str, k: int,
              candidates: Optional[Sequence[np.ndarray]] = None) -> list[np.ndarray]:

@@ -129,6 +129,30 @@ class PrefixIndex:
         child = torch.where(valid, start[:, None] + slot, start[:, None])
         return child, valid
 
+    def allowed_counts(self, banned: Sequence) -> list[Tensor]:
+        """Per input, how many items outside its `banned` items lie below each node: a list over
+        levels 0..L of [B, nodes(level)] int32 (level L: 1 for an allowed leaf, 0 for a banned
+        one). Banned items absent from the index are ignored. Built bottom-up with one
+        `index_add` per level, no Python per node."""
+        device = self.leaf_item.device
+        n_leaves = self.leaf_item.numel()
+        leaf_of = torch.full((int(self.leaf_item.max()) + 1,), -1, dtype=torch.long, device=device)
+        leaf_of[self.leaf_item] = torch.arange(n_leaves, device=device)
+        counts = torch.ones(len(banned), n_leaves, dtype=torch.int32, device=device)
+        for row, items in enumerate(banned):
+            items = torch.as_tensor(items, dtype=torch.long, device=device).reshape(-1)
+            items = items[(items >= 0) & (items < leaf_of.numel())]
+            leaves = leaf_of[items]
+            counts[row, leaves[leaves >= 0]] = 0
+        out = [counts]
+        for level in reversed(range(self.levels)):
+            ptr = self.ptr[level]
+            parent = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=device), ptr.diff())
+            up = counts.new_zeros(len(banned), ptr.numel() - 1)
+            counts = up.index_add_(1, parent, counts)
+            out.append(counts)
+        return out[::-1]
+
     def items_of(self, leaves: Tensor) -> Tensor:
         return self.leaf_item[leaves]
 

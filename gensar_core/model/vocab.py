@@ -22,8 +22,14 @@ def identifier_tokens(icfg: IdentifierConfig) -> list[str]:
 
 
 def added_tokens(cfg: PipelineConfig | IdentifierConfig) -> list[str]:
-    """Behaviour tokens then every identifier token, in a stable order."""
-    icfg = cfg.identifiers if isinstance(cfg, PipelineConfig) else cfg
+    """Behaviour tokens then every identifier token, in a stable order (an `auto` codebook size
+    is the one of the warehouse's identifiers)."""
+    if isinstance(cfg, PipelineConfig):
+        from gensar_core.identifiers.sizing import resolved_identifiers
+
+        icfg = resolved_identifiers(cfg)
+    else:
+        icfg = cfg
     return list(BEHAVIOUR_TOKENS) + identifier_tokens(icfg)
 
 

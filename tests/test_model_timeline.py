@@ -1,0 +1,69 @@
+"""The timeline formulation: token layout, loss mask, windows, prompts."""
+from __future__ import annotations
+
+import numpy as np
+
+from gensar_core.model.prompts import ItemIds
+from gensar_core.model.timeline import (BOS, GIVEN, IGNORE, QUERY, REC_ID, SEARCH_ID, TimelineCodec, batches,
+                                        build_tokenizer, collate_windows, supervised_kinds, training_windows)
+from gensar_core.model.vocab import REC_ITEM, SRC_ITEM, SRC_QUERY
+
+IDS = {"i1": ItemIds("<a_0><b_1><s_2><t_3>", "<a_0><b_1><c_4><d_5>"),
+       "i2": ItemIds("<a_1><b_0><s_0><t_0>", "<a_1><b_0><c_0><d_0>")}
+TOKENS = sorted({f"<{x}_{n}>" for x in "abcdst" for n in range(6)})
+
+
+def codec():
+    tok = build_tokenizer(["Action crime", "drama", "action"], TOKENS)
+    return tok, TimelineCodec.of(tok, IDS)
+
+
+def test_events_are_written_in_the_papers_tokens_with_loss_on_ids_and_query_words():
+    tok, c = codec()
+    events = [{"behavior": "rec", "item_id": "i1", "query": None},
+              {"behavior": "search", "item_id": "i2", "query": "Action drama"},
+              {"behavior": "rec", "item_id": "unknown", "query": None}]
+    ids, sup, starts = c.timeline(events)
+    words = tok.convert_ids_to_tokens(ids.tolist())
+    assert words == [REC_ITEM, "<a_0>", "<b_1>", "<c_4>", "<d_5>",
+                     SRC_QUERY, "action", "drama", SRC_ITEM, "<a_1>", "<b_0>", "<s_0>", "<t_0>"]
+    assert sup.tolist() == [GIVEN] + [REC_ID] * 4 + [GIVEN] + [QUERY] * 3 + [SEARCH_ID] * 4
+    assert starts.tolist() == [0, 5]  # the unknown item is left out
+
+
+def test_prompt_round_trips_through_the_tokenizer_and_keeps_whole_recent_events():
+    tok, c = codec()
+    events = [{"behavior": "rec", "item_id": "i1", "query": None}] * 10
+    text = c.prompt(events, "search", "crime", max_len=20)
+    words = tok.convert_ids_to_tokens(tok(text)["input_ids"])
+    assert words[0] == BOS and words[-2:] == [SRC_QUERY, "crime"]
+    assert len(words) <= 20 - 5 and (len(words) - 3) % 5 == 0 and words[1] == REC_ITEM
+
+
+def test_windows_cover_every_event_once_and_fit():
+    tok, c = codec()
+    events = [{"behavior": "search" if k % 3 == 0 else "rec", "item_id": "i1" if k % 2 else "i2",
+               "query": "action crime"} for k in range(40)]
+    timeline = c.timeline(events)
+    rng = np.random.default_rng(0)
+    windows = training_windows([timeline], max_len=32, rng=rng)
+    assert all(len(w) <= 32 and w[0] == tok.bos_token_id for w, _ in windows)
+    supervised = sum(int((lab != IGNORE).sum()) for _, lab in windows)
+    assert supervised == int((timeline[1] != GIVEN).sum())
+    rec_only = training_windows([timeline], max_len=32, rng=rng, kinds=supervised_kinds(["rec"]))
+    rec_tokens = {tok.convert_tokens_to_ids(t) for t in ["<c_4>", "<d_5>", "<c_0>", "<d_0>", "<a_0>", "<a_1>",
+                                                          "<b_0>", "<b_1>"]}
+    assert all(set(lab[lab != IGNORE].tolist()) <= rec_tokens for _, lab in rec_only)
+    assert sum(int((lab != IGNORE).sum()) for _, lab in rec_only) == int((timeline[1] == REC_ID).sum())
+    assert all(((lab == IGNORE) | (lab == w)).all() for w, lab in windows)
+    order = batches(windows, tokens_per_batch=64, rng=rng)
+    assert sorted(i for b in order for i in b) == list(range(len(windows)))
+    batch = collate_windows(windows, order[0])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+
+
+def test_adhoc_window_supervises_the_semantic_id_only():
+    tok, c = codec()
+    window, labels = c.adhoc("drama", "i1")
+    assert tok.convert_ids_to_tokens(window.tolist())[:4] == [BOS, SRC_QUERY, "drama", SRC_ITEM]
+    assert tok.convert_ids_to_tokens(labels[labels != IGNORE].tolist()) == ["<a_0>", "<b_1>", "<s_2>", "<t_3>"]
