@@ -1,153 +1,177 @@
-"""Training throughput of the default backbone (scratch T5) against SmolLM2-135M, in one run.
+"""Training efficiency: the timeline formulation against the paper's prompted T5 recipe, one run.
 
-Both train on the same corpus examples (a toy warehouse, or `--warehouse` with a built corpus),
-in the same order, with the same batch size, the same loop pieces as `run_train` (the backbone
-with the GenSAR vocabulary, `encode_examples`, `collate`, AdamW, gradient clipping), on the same
-device. Tokens are counted as `run_train` counts them: encoder + decoder tokens for the seq2seq
-T5, sequence tokens (prompt + target) for the decoder-only SmolLM2; padding is not counted.
-Since the two tokenizers cut the same text into different numbers of tokens, examples/s is
-printed too: it is the like-for-like number.
+Both learn from the same warehouse (splits, identifiers and the prompted corpus of
+`build_corpus`), on the same device, with the pipeline's own pieces: the timeline model of
+`model.timeline` with `timeline_train`'s data, step and validation; the scratch T5 of
+`model.scratch` with `encode_examples`, `collate` and the same AdamW step as `run_train`.
 
-Each backbone runs `--warmup` untimed steps, then `--steps` timed ones; the two alternate for
-`--repeats` rounds and the fastest round of each is kept, so load from other processes on a
-shared machine skews the ratio less. SmolLM2 is converted from its GGUF file on first use
-(about 30 s, cached under $GENSAR_HOME/models).
+1. Supervised identifier tokens per second: the identifier tokens that carry a loss (the 4 ID
+   tokens of each target; the timeline's rec and search ID tokens), per second of training.
+   The two alternate for `--repeats` rounds of `--seconds` each and the best round is kept, so
+   load from other processes skews the ratio less.
+2. Wall time to a fixed validation NDCG@10 (`--target`, the mean of recommendation and search,
+   full ranking, history banned, on `--valid-cases` valid cases per task): each trains from
+   scratch for at most `--budget` seconds, validated every `--eval-seconds` (validation time
+   not counted). A recipe that does not reach the target within the budget is reported as
+   "> budget", and the ratio as a lower bound.
 
-    python bench/train.py [--batch-size 8 --steps 3 --warmup 1 --repeats 2 --threads 1 --device cpu]
-    python bench/train.py --backbones t5-scratch --device cuda --batch-size 64 --steps 50
-    python bench/train.py --warehouse .gensar/warehouse     # a real corpus (after build_corpus)
+    python bench/train.py --warehouse .gensar/warehouse [--target 0.03 --budget 600]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from gensar_core.config import PipelineConfig  # noqa: E402
-from gensar_core.model.backbone import load_backbone  # noqa: E402
-from gensar_core.model.corpus import read_corpus, run_build_corpus  # noqa: E402
+from gensar_core.config import load_config  # noqa: E402
+from gensar_core.model import timeline_train as tt  # noqa: E402
+from gensar_core.model.backbone import Backbone, load_backbone  # noqa: E402
+from gensar_core.model.corpus import read_corpus  # noqa: E402
 from gensar_core.model.data import collate, encode_examples  # noqa: E402
-from gensar_core.model.synthetic import write_toy_warehouse  # noqa: E402
+from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings  # noqa: E402
+from gensar_core.model.timeline import REC_ID, SEARCH_ID, batches, collate_windows  # noqa: E402
 
 
-def make_config(warehouse: Path, backbone: str, args) -> PipelineConfig:
-    tree = {"warehouse": str(warehouse), "seed": 0, "model": {"backbone": backbone}}
-    if args.codebook_size:
-        tree["identifiers"] = {"codebook_size": args.codebook_size}
-    return PipelineConfig.model_validate(tree)
+class Timeline:
+    name = "timeline (ours)"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.data = tt.load_data(cfg)
+        self.model = tt.build_model(self.data.tokenizer, cfg.model, cfg.seed).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                     betas=(0.9, 0.98))
+        self.rng = np.random.default_rng(0)
+        self.step_no, self.queue = 0, []
+        self.id_tokens = torch.tensor(sorted({int(t) for ids, kinds, _ in self.data.timelines
+                                              for t in ids[np.isin(kinds, (REC_ID, SEARCH_ID))]}))
+        backbone = Backbone(self.model, self.data.tokenizer, "causal", "timeline",
+                            {"formulation": "timeline", "max_len": cfg.model.timeline.max_len})
+        self.ranker = GenerativeRanker(backbone, self.data.identifiers, **ranker_settings(cfg))
+
+    def step(self) -> int:
+        if not self.queue:
+            self.windows = tt.epoch_windows(self.data, self.cfg.model.timeline.max_len,
+                                            self.cfg.model.timeline.adhoc_per_item, self.rng)
+            self.queue = batches(self.windows, self.cfg.model.timeline.tokens_per_batch, self.rng)
+        batch = collate_windows(self.windows, self.queue.pop(), self.data.tokenizer.pad_token_id)
+        lr = tt.lr_at(self.step_no, 40 * 38, self.cfg.train.lr, self.cfg.train.warmup_steps, 0.0)
+        tt.train_step(self.model, self.opt, batch, lr, 1.0, lambda: tt.autocast(torch.device("cpu"), "auto"))
+        self.step_no += 1
+        return int(torch.isin(batch["labels"], self.id_tokens).sum())
 
 
-class Runner:
-    """One backbone, its encoded examples and optimizer: `steps(n)` trains n steps, returns (s, tokens)."""
+class PromptedT5:
+    name = "prompted T5 (paper)"
 
-    def __init__(self, cfg: PipelineConfig, df, device: torch.device):
-        texts = list(df["input_text"]) + list(df["target_text"])
-        self.bb = load_backbone(cfg, corpus_texts=texts, seed=0)
-        self.model = self.bb.model.to(device).train()
-        self.device = device
-        self.enc = encode_examples(self.bb.tokenizer, self.bb.kind, df["input_text"].tolist(),
-                                   df["target_text"].tolist(), cfg.model.max_input_length, cfg.model.max_target_length)
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
-        self.params = sum(p.numel() for p in self.model.parameters())
-        self.cursor = 0
+    def __init__(self, cfg):
+        self.cfg = cfg
+        df, _ = read_corpus(cfg)
+        train = df[df["split"] == "train"].reset_index(drop=True)
+        self.bb = load_backbone(cfg, corpus_texts=list(train["input_text"]) + list(train["target_text"]), seed=0)
+        self.model = self.bb.model.train()
+        self.enc = encode_examples(self.bb.tokenizer, "seq2seq", train["input_text"].tolist(),
+                                   train["target_text"].tolist(), cfg.model.max_input_length,
+                                   cfg.model.max_target_length)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                     betas=(0.9, 0.98))
+        self.order = np.random.default_rng(0).permutation(len(self.enc))
+        self.pos, self.step_no = 0, 0
+        vocab = self.bb.tokenizer.get_vocab()
+        self.id_tokens = torch.tensor(sorted(i for t, i in vocab.items() if t.startswith("<") and t[2:3] == "_"))
+        self.ranker = GenerativeRanker(self.bb, tt.load_data(cfg).identifiers, **ranker_settings(cfg))
 
-    def steps(self, n: int, batch_size: int) -> tuple[float, int, int]:
-        pad = self.bb.tokenizer.pad_token_id
-        tokens = examples = 0
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            idx = [(self.cursor + i) % len(self.enc) for i in range(batch_size)]
-            self.cursor += batch_size
-            batch = {k: v.to(self.device) for k, v in collate(self.enc, idx, pad, self.bb.kind).items()}
-            tokens += int(batch["attention_mask"].sum())
-            if self.bb.kind == "seq2seq":
-                tokens += int((batch["labels"] != -100).sum())
-            examples += len(idx)
-            loss = self.model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, tokens, examples
+    def step(self) -> int:
+        bs = self.cfg.train.batch_size
+        if self.pos + bs > len(self.order):
+            self.pos = 0
+        batch = collate(self.enc, self.order[self.pos:self.pos + bs], self.bb.tokenizer.pad_token_id, "seq2seq")
+        self.pos += bs
+        for g in self.opt.param_groups:
+            g["lr"] = self.cfg.train.lr * min(1.0, (self.step_no + 1) / self.cfg.train.warmup_steps)
+        loss = self.model(**batch).loss
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.step_no += 1
+        return int(torch.isin(batch["labels"], self.id_tokens).sum())
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--warehouse", default=None, help="a warehouse with corpus/ (default: a toy one in a temp dir)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    ap.add_argument("--codebook-size", type=int, default=None, help="identifier codebook (toy default 32)")
-    ap.add_argument("--examples", type=int, default=512, help="corpus examples cycled through")
-    ap.add_argument("--backbones", default="t5-scratch,smollm2", help="comma-separated: t5-scratch, smollm2")
-    args = ap.parse_args(argv)
+def throughput(runner, seconds: float) -> float:
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        n += runner.step()
+    return n / (time.perf_counter() - start)
+
+
+def time_to_target(runner, cases, target: float, budget: float, every: float) -> tuple[float | None, list]:
+    trained, curve = 0.0, []
+    while trained < budget:
+        start = time.perf_counter()
+        while time.perf_counter() - start < every:
+            runner.step()
+        trained += time.perf_counter() - start
+        value = tt.validate(runner.ranker, cases)["valid/ndcg@10"]
+        curve.append((round(trained), round(value, 4)))
+        print(f"  {runner.name}: {trained:.0f} s trained, valid NDCG@10 {value:.4f}", flush=True)
+        if value >= target:
+            return trained, curve
+    return None, curve
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--warehouse", required=True, help="a warehouse after learn_identifiers and build_corpus")
+    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"))
+    p.add_argument("--seconds", type=float, default=30.0, help="seconds per throughput round")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--target", type=float, default=0.03, help="valid NDCG@10 (mean of both tasks) to reach")
+    p.add_argument("--budget", type=float, default=600.0, help="training seconds each recipe may take to get there")
+    p.add_argument("--eval-seconds", type=float, default=60.0)
+    p.add_argument("--valid-cases", type=int, default=200)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = load_config(args.config, [f"warehouse={args.warehouse}", "tracking.enabled=false"])
+    prompted = load_config(args.config, [f"warehouse={args.warehouse}", "tracking.enabled=false",
+                                         "model.formulation=prompted", "train.weight_decay=0.01"])
+    print(f"threads {torch.get_num_threads()}, warehouse {args.warehouse}")
 
-    tmp = None
-    if args.warehouse:
-        root = Path(args.warehouse)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="gensar-bench-train-")
-        root = Path(tmp.name) / "warehouse"
-        args.codebook_size = args.codebook_size or 32
-        write_toy_warehouse(root, n_users=200, n_items=300, events_per_user=20, codebook_size=args.codebook_size,
-                            n_genres=8, seed=0)
-        run_build_corpus(make_config(root, "t5-scratch", args))
-    corpus, _ = read_corpus(make_config(root, "t5-scratch", args))
-    train = corpus[corpus["split"] == "train"]
-    df = train.sample(n=min(args.examples, len(train)), random_state=0).reset_index(drop=True)
+    runners = [Timeline(cfg), PromptedT5(prompted)]
+    rates = {r.name: 0.0 for r in runners}
+    for _ in range(args.repeats):
+        for r in runners:
+            rates[r.name] = max(rates[r.name], throughput(r, args.seconds))
+    for name, rate in rates.items():
+        print(f"{name:22s} supervised identifier tokens/s {rate:10,.0f}")
+    ours, theirs = rates[runners[0].name], rates[runners[1].name]
+    print(f"supervised identifier tokens/s, timeline / prompted T5: {ours / theirs:.1f}x")
 
-    print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}, "
-          f"{args.steps} timed steps x {args.repeats} rounds, {len(df)} examples from {root}")
-    runners = {}
-    names = {"t5-scratch": "t5-scratch (default)", "smollm2": "smollm2-135m"}
-    for backbone in args.backbones.split(","):
-        name = names[backbone.strip()]
-        t0 = time.perf_counter()
-        runners[name] = Runner(make_config(root, backbone.strip(), args), df, device)
-        print(f"  loaded {name}: {runners[name].params / 1e6:.1f} M parameters, "
-              f"kind {runners[name].bb.kind}, {time.perf_counter() - t0:.1f} s")
-    best = {name: None for name in runners}
-    for r in range(args.repeats):
-        for name, runner in runners.items():
-            runner.steps(args.warmup, args.batch_size)
-            seconds, tokens, examples = runner.steps(args.steps, args.batch_size)
-            rate = (tokens / seconds, examples / seconds, seconds / args.steps, tokens / examples)
-            print(f"  round {r + 1} {name:22s} {rate[0]:10.0f} tokens/s {rate[1]:8.1f} examples/s "
-                  f"{rate[2]:7.3f} s/step")
-            if best[name] is None or rate[0] > best[name][0]:
-                best[name] = rate
-    print("\nbest round of each:")
-    for name, rate in best.items():
-        print(f"  {name:22s} {rate[0]:10.0f} tokens/s {rate[1]:8.1f} examples/s "
-              f"({rate[3]:.0f} tokens/example, {runners[name].params / 1e6:.1f} M parameters)")
-    out = {f"{name.split()[0]}_tokens_per_s": rate[0] for name, rate in best.items()}
-    out.update({f"{name.split()[0]}_examples_per_s": rate[1] for name, rate in best.items()})
-    if len(best) == 2:
-        t5, smol = best["t5-scratch (default)"], best["smollm2-135m"]
-        print(f"ratio default / smollm2: {t5[0] / smol[0]:.1f}x tokens/s, {t5[1] / smol[1]:.1f}x examples/s")
-        out.update(ratio_tokens=t5[0] / smol[0], ratio_examples=t5[1] / smol[1])
-    if tmp is not None:
-        tmp.cleanup()
-    return out
+    cases = tt.valid_cases(cfg, args.valid_cases, cfg.seed)
+    reached = {}
+    for make, c in ((Timeline, cfg), (PromptedT5, prompted)):
+        runner = make(c)  # fresh weights: time from scratch
+        reached[runner.name], _ = time_to_target(runner, cases, args.target, args.budget, args.eval_seconds)
+    t_ours, t_theirs = reached[runners[0].name], reached[runners[1].name]
+    for name, t in reached.items():
+        print(f"{name:22s} wall time to valid NDCG@10 {args.target}: "
+              + (f"{t:.0f} s" if t is not None else f"> {args.budget:.0f} s (not reached)"))
+    if t_ours is not None:
+        if t_theirs is not None:
+            print(f"time to target, prompted T5 / timeline: {t_theirs / t_ours:.1f}x")
+        else:
+            print(f"time to target, prompted T5 / timeline: > {args.budget / t_ours:.1f}x (a lower bound)")
 
 
 if __name__ == "__main__":

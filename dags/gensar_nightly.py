@@ -35,8 +35,11 @@ SPARK_CONN_ID = os.environ.get("GENSAR_SPARK_CONN_ID") or None
         "dataset": Param("default", enum=["default", "amazon", "kuaisar", "generic"],
                          description="a config under configs/ (ignored when `config` is set)"),
         "config": Param("", type="string", description="pipeline YAML path; empty: use `dataset`"),
+        "formulation": Param("", enum=["", "timeline", "prompted"],
+                             description="timeline (decoder-only over whole histories) or prompted (the "
+                                         "paper's T5 prompts); empty: the config's"),
         "backbone": Param("", enum=["", "t5-scratch", "smollm2", "local"],
-                          description="generative backbone; empty: the config's"),
+                          description="backbone of the prompted formulation (sets it); empty: the config's"),
         "tasks": Param(["rec", "search", "query", "adhoc", "align"], type="array",
                        description="training tasks to keep (rec-only / search-only variants and ablations)"),
         "epochs": Param(0, type="integer", minimum=0, description="training epochs; 0: the config's"),

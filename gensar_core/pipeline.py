@@ -190,8 +190,8 @@ def config_for_run(params: dict | None, ds: str | None = None) -> PipelineConfig
     """The config of one scheduled or triggered run, from the DAG's params.
 
     `config`: a YAML path, or `dataset`: the name of a file under configs/ (empty for both: the
-    embedded default). `backbone`, `tasks` (training tasks to keep), `epochs` and `max_steps`
-    are shortcuts for the model and training budget; `overrides` (`key.path=value` strings) can
+    embedded default). `formulation`, `backbone` (prompted only), `tasks` (training tasks to
+    keep), `epochs` and `max_steps` are shortcuts for the model and training budget; `overrides` (`key.path=value` strings) can
     set anything. The run date `ds` becomes the config's cut-off date.
     """
     from gensar_core.config import load_config
@@ -201,8 +201,10 @@ def config_for_run(params: dict | None, ds: str | None = None) -> PipelineConfig
     if not path and params.get("dataset"):
         path = Path(__file__).resolve().parents[1] / "configs" / f"{params['dataset']}.yaml"
     overrides = []
-    if params.get("backbone"):
-        overrides.append(f"model.backbone={params['backbone']}")
+    if params.get("formulation"):
+        overrides.append(f"model.formulation={params['formulation']}")
+    if params.get("backbone"):  # a backbone is a choice of the prompted recipe
+        overrides += [f"model.backbone={params['backbone']}", "model.formulation=prompted"]
     if params.get("tasks"):
         wanted = set(params["tasks"])
         unknown = wanted - set(TRAINING_TASKS)

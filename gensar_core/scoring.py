@@ -112,7 +112,7 @@ def run_batch_score(cfg: PipelineConfig, ranker=None, partition: Optional[int] =
     item_index = dict(zip(items["item_id"], items["item_idx"]))
     events = wh.read("curated/events", ["user_id", "item_id", "ts", "behavior", "query", "session_id"])
     parts = range(scfg.partitions) if partition is None else [partition]
-    limits = (cfg.corpus.max_rec_history, cfg.corpus.max_search_history)
+    limits = (ranker.max_rec, ranker.max_search)  # the history the model reads (a timeline model: all of it)
     folder = wh.path("scores", f"ds={ds}")
     stats = {"ds": ds, "partitions": list(parts), "rec_users": 0, "search_queries": 0}
     ref = int(events["ts"].max())  # over every user, so each partition uses the same day

@@ -34,6 +34,12 @@ TARGET_ID = {"rec": ("collaborative_id", REC_ITEM), "search": ("semantic_id", SR
 def ranker_settings(cfg) -> dict:
     """The decoding settings of a config, as GenerativeRanker keyword arguments (also saved with a
     registered model, so serving decodes the way evaluation did)."""
+    if cfg.model.formulation == "timeline":
+        # the whole history: batch scoring and serving pass this many events of each behaviour,
+        # the prompt keeps the most recent ones that fit in the window
+        longest = cfg.model.timeline.max_len
+        return {"beam_size": cfg.evaluate.beam_size, "scoring": cfg.evaluate.scoring,
+                "max_rec_history": longest, "max_search_history": longest, "max_input_length": longest}
     return {"beam_size": cfg.evaluate.beam_size, "scoring": cfg.evaluate.scoring,
             "max_rec_history": cfg.corpus.max_rec_history,
             "max_search_history": cfg.corpus.max_search_history,
