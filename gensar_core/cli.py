@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="pipeline config YAML (default: the embedded default)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set split.kcore=10 (repeatable)")
+    p.add_argument("--variant", metavar="NAME",
+                   help="apply the overrides of `evaluate.variants[NAME]` (e.g. train a variant the report compares)")
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="command", required=True)
     for name in STEPS:
@@ -51,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.set)
+        if args.variant:
+            from gensar_core.config import with_overrides
+
+            if args.variant not in cfg.evaluate.variants:
+                raise ConfigError(f"--variant {args.variant}: not in evaluate.variants "
+                                  f"({sorted(cfg.evaluate.variants) or 'none'})")
+            cfg = with_overrides(cfg, cfg.evaluate.variants[args.variant])
         if args.command == "config":
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))
             return 0
