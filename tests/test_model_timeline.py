@@ -114,3 +114,19 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
 
     again = validate(GenerativeRanker(folder, ids, **ranker_settings(cfg)), valid_cases(cfg, None, cfg.seed))
     assert abs(again["valid/ndcg@10"] - result["best_metric"]) < 1e-6
+
+
+def test_evaluation_cases_carry_the_whole_timeline_behind_seq(tmp_path):
+    from gensar_core.config import PipelineConfig
+    from gensar_core.evaluate.context import EvalContext
+    from gensar_core.model.synthetic import write_toy_warehouse
+
+    write_toy_warehouse(tmp_path / "wh", n_users=12, n_items=20, events_per_user=9, seed=2)
+    ctx = EvalContext(PipelineConfig(warehouse=tmp_path / "wh"))
+    for split in ("valid", "test"):
+        for task in ("rec", "search"):
+            cases = ctx.cases(split, task)
+            for timeline, seq in zip(cases["timeline"], cases["seq"]):
+                assert [ctx.item_index[e["item_id"]] for e in timeline] == seq.tolist()
+                assert all(e["behavior"] in ("rec", "search") for e in timeline)
+                assert all(e["query"] for e in timeline if e["behavior"] == "search")
