@@ -16,6 +16,8 @@ TINY = ["embed.collaborative.epochs=1", "embed.collaborative.dim=16", "identifie
         "identifiers.codebook_size=4", "identifiers.hidden_dims=[32]", "identifiers.latent_dim=4",
         "identifiers.batch_size=8", "model.scratch.d_model=32", "model.scratch.d_ff=64", "model.scratch.d_kv=8",
         "model.scratch.num_heads=2", "model.scratch.tokenizer_vocab_size=300", "train.batch_size=16",
+        "model.timeline.d_model=32", "model.timeline.d_ff=64", "model.timeline.num_heads=2",
+        "model.timeline.max_len=64", "model.timeline.tokens_per_batch=512",
         "train.eval_every=0", "train.warmup_steps=2", "evaluate.beam_size=5", "evaluate.num_candidates=5"]
 
 
@@ -71,7 +73,8 @@ def test_nightly_dag_end_to_end_rerun_and_next_day(airflow_home, gensar_home, tm
     assert len(read(wh / "splits" / "test")) == 3
     ids = read(wh / "identifiers" / "items")
     assert len(ids) == 6 and ids["semantic_id"].is_unique and ids["collaborative_id"].is_unique
-    assert (wh / "models" / "t5-scratch__rec+search+align" / "model.safetensors").exists()
+    # configs/default.yaml trains the timeline formulation
+    assert (wh / "models" / "timeline-llama__rec+search+align" / "model.safetensors").exists()
     report = (wh / "reports" / "eval-test-2026-11-27" / "report.md").read_text()
     assert "gensar" in report and "sasrec" in report
     scores = wh / "scores" / "ds=2026-11-27"
