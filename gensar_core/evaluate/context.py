@@ -53,7 +53,7 @@ def _text(value) -> Optional[str]:
     return None if value is None or value != value else str(value)
 
 
-def _events(events: pd.DataFrame) -> dict[str, list[dict]]:
+def user_events(events: pd.DataFrame) -> dict[str, list[dict]]:
     """user_id -> the user's events as dicts (behavior, item_id, query), ordered as `_sequences`."""
     ev = events.sort_values(["user_id", "ts", "position"], kind="stable")
     out: dict[str, list[dict]] = {}
@@ -182,7 +182,7 @@ class EvalContext:
         df = self.split(split).sort_values(["user_id", "ts", "position"], kind="stable").reset_index(drop=True)
         targets = df["item_id"].map(self.item_index).to_numpy(dtype=np.int64)
         users = df["user_id"].to_numpy()
-        events_before = _events(pd.concat(earlier, ignore_index=True)) if earlier else {}
+        events_before = user_events(pd.concat(earlier, ignore_index=True)) if earlier else {}
         own = [{"behavior": b, "item_id": i, "query": _text(q)}
                for b, i, q in zip(df["behavior"], df["item_id"], df["query"])]
         seqs, timelines, so_far, events, current = [], [], [], [], None

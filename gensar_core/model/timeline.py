@@ -22,10 +22,8 @@ At decoding time a prompt is the user's timeline, then `<rec_item>` (recommendat
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -202,23 +200,3 @@ def collate_windows(windows, index: Sequence[int], pad_id: int = 0):
         ids[r, :len(w)], labels[r, :len(w)], mask[r, :len(w)] = w, lab, 1
     return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
             "attention_mask": torch.from_numpy(mask)}
-
-
-def user_events(frames: Sequence, item_ids: Mapping[str, ItemIds]) -> dict[str, list[dict]]:
-    """user_id -> events (behavior, item_id, query) of the given split frames, in time order
-    (ts, position), both behaviours."""
-    import pandas as pd
-
-    df = pd.concat([f[["user_id", "item_id", "ts", "position", "behavior", "query"]] for f in frames],
-                   ignore_index=True)
-    df = df.sort_values(["user_id", "ts", "position"], kind="stable")
-    out: dict[str, list[dict]] = {}
-    for user, item, behavior, query in zip(df["user_id"].astype(str), df["item_id"].astype(str),
-                                           df["behavior"], df["query"]):
-        out.setdefault(user, []).append({"item_id": item, "behavior": behavior,
-                                         "query": None if query is None or query != query else str(query)})
-    return out
-
-
-def save_meta(folder: Path, meta: dict) -> None:
-    (Path(folder) / "timeline.json").write_text(json.dumps(meta, indent=2, sort_keys=True))

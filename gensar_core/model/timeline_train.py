@@ -52,7 +52,8 @@ class TimelineData:
 
 def load_data(cfg: PipelineConfig) -> TimelineData:
     from gensar_core.model.corpus import apply_id_scheme, enabled_tasks, item_identifier_map, pseudo_queries
-    from gensar_core.model.timeline import TimelineCodec, build_tokenizer, supervised_kinds, user_events
+    from gensar_core.evaluate.context import user_events
+    from gensar_core.model.timeline import TimelineCodec, build_tokenizer, supervised_kinds
     from gensar_core.model.vocab import added_tokens
 
     wh = Warehouse(cfg.warehouse)
@@ -61,7 +62,7 @@ def load_data(cfg: PipelineConfig) -> TimelineData:
     item_ids = item_identifier_map(identifiers)
     tokenizer = build_tokenizer(train.loc[train["behavior"] == "search", "query"], added_tokens(cfg))
     codec = TimelineCodec.of(tokenizer, item_ids)
-    timelines = [codec.timeline(events) for events in user_events([train], item_ids).values()]
+    timelines = [codec.timeline(events) for events in user_events(train).values()]
     tasks = enabled_tasks(cfg.corpus)
     adhoc = []
     if "adhoc" in tasks and cfg.model.timeline.adhoc_per_item:
