@@ -2,7 +2,7 @@
 # Reproduces the README's results section on the embedded default: GenSAR (joint, timeline
 # formulation), each variant of `evaluate.variants` in configs/ablations.yaml (rec-only,
 # search-only, TIGER-style, the paper's prompted T5), then one evaluation report with every
-# baseline. About 70 minutes on 2 CPU cores. Outputs under $GENSAR_HOME (default ./.gensar-results).
+# baseline. About 70-80 minutes on 2 CPU cores. Outputs under $GENSAR_HOME (default ./.gensar-results).
 # Extra arguments go to every gensar call, e.g. `--set identifiers.codebook_size=256`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
