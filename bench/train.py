@@ -52,6 +52,9 @@ class Timeline:
                                      betas=(0.9, 0.98))
         self.rng = np.random.default_rng(0)
         self.step_no, self.queue = 0, []
+        per_epoch = len(batches(tt.epoch_windows(self.data, cfg.model.timeline.max_len, cfg.model.timeline.adhoc_per_item,
+                                                 np.random.default_rng(0)), cfg.model.timeline.tokens_per_batch, self.rng))
+        self.total = per_epoch * cfg.train.epochs  # the schedule of a full training run
         self.id_tokens = torch.tensor(sorted({int(t) for ids, kinds, _ in self.data.timelines
                                               for t in ids[np.isin(kinds, (REC_ID, SEARCH_ID))]}))
         backbone = Backbone(self.model, self.data.tokenizer, "causal", "timeline",
@@ -64,7 +67,7 @@ class Timeline:
                                             self.cfg.model.timeline.adhoc_per_item, self.rng)
             self.queue = batches(self.windows, self.cfg.model.timeline.tokens_per_batch, self.rng)
         batch = collate_windows(self.windows, self.queue.pop(), self.data.tokenizer.pad_token_id)
-        lr = tt.lr_at(self.step_no, 40 * 38, self.cfg.train.lr, self.cfg.train.warmup_steps, 0.0)
+        lr = tt.lr_at(self.step_no, self.total, self.cfg.train.lr, self.cfg.train.warmup_steps, 0.0)
         tt.train_step(self.model, self.opt, batch, lr, 1.0, lambda: tt.autocast(torch.device("cpu"), "auto"))
         self.step_no += 1
         return int(torch.isin(batch["labels"], self.id_tokens).sum())
