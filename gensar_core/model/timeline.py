@@ -152,7 +152,7 @@ def training_windows(timelines: Sequence[tuple[np.ndarray, np.ndarray, np.ndarra
         sup = np.isin(token_kinds, kinds)
         if len(ids) == 0:
             continue
-        bos = 1  # BOS id is fixed by SPECIAL's order
+        bos = SPECIAL.index(BOS)  # build_tokenizer numbers the specials first
         end = len(ids)
         first = True
         while end > 0:
