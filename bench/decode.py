@@ -39,7 +39,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from gensar_core.identifiers.naming import format_id, token_letters, vocabulary  # noqa: E402
-from gensar_core.model.decode import constrained_beam_search, hf_beam_search, topk_agreement  # noqa: E402
+from gensar_core.model.decode import constrained_beam_search  # noqa: E402
+from gensar_core.model.decode_reference import hf_beam_search, topk_agreement  # noqa: E402
 from gensar_core.model.prefix_index import PrefixIndex  # noqa: E402
 
 BEHAVIOUR = ("<rec_item>", "<src_query>", "<src_item>")

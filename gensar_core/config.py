@@ -398,7 +398,7 @@ class EvaluateConfig(_Strict):
     seed: Optional[int] = None  # None: the pipeline seed
     # more trained generative models in the report, by name: config overrides that select each one
     # (e.g. the rec-only variant: {"gensar-rec-only": ["corpus.tasks.search.enabled=false", ...]});
-    # a variant that has not been trained is skipped with a warning
+    # a variant that has not been trained fails the evaluation (train it first, `gensar --variant`)
     variants: dict[str, list[str]] = {}
 
 

@@ -106,24 +106,22 @@ def generative_rankers(cfg: PipelineConfig) -> dict:
 
     configs = {"gensar": cfg, **{name: with_overrides(cfg, overrides)
                                  for name, overrides in cfg.evaluate.variants.items()}}
-    rankers = {}
-    for name, model_cfg in configs.items():
-        ranker = generative_ranker(model_cfg, name)
-        if ranker is not None:
-            rankers[name] = ranker
-    return rankers
+    return {name: generative_ranker(model_cfg, name) for name, model_cfg in configs.items()}
 
 
 def generative_ranker(cfg: PipelineConfig, name: str = "gensar"):
-    """The trained generative model of `cfg` as a Ranker, or None if it has not been trained."""
+    """The trained generative model of `cfg` as a Ranker; a model that has not been trained is an
+    error, so a report never silently lacks the method it was asked for."""
     from gensar_core.model.corpus import apply_id_scheme, enabled_tasks
     from gensar_core.model.train import trained_model_dir
     from gensar_core.storage import Warehouse
 
     model_dir = trained_model_dir(cfg)
     if not (model_dir / "config.json").exists():
-        log.warning("%s: no trained model at %s, left out of the evaluation", name, model_dir)
-        return None
+        how = ("run the train step" if name == "gensar" else
+               f"train it with `gensar -c CONFIG --variant {name} run --steps build_corpus,train`, "
+               f"or remove it from evaluate.variants")
+        raise FileNotFoundError(f"{name}: no trained model at {model_dir}: {how}")
     from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
 
     tasks = [t for t in ("rec", "search") if t in enabled_tasks(cfg.corpus)]

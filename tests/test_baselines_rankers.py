@@ -119,13 +119,26 @@ def test_two_stage_blend_ends(ctx, rankers):
     assert [r.tolist() for r in pure.rank(rec, "rec", 10)] == [r.tolist() for r in sasrec.rank(rec, "rec", 10)]
 
 
-def test_two_stage_alpha_is_tuned_on_valid(ctx, rankers):
-    ranker = rankers["bm25+sasrec"]
+def test_two_stage_alpha_is_tuned_on_the_split_before_the_scored_one(root, ctx, rankers):
+    ranker = rankers["bm25+sasrec"]  # scoring test: tuned on valid
     assert ranker.alpha in ALPHAS
     info = ranker.info()
-    assert info["alpha"] == ranker.alpha and len(info["valid_ndcg@10_by_alpha"]) == len(ALPHAS)
-    best = max(info["valid_ndcg@10_by_alpha"].values())
-    assert info["valid_ndcg@10_by_alpha"][str(ranker.alpha)] == best
+    assert info["alpha_tuned_on"].startswith("valid search cases")
+    assert info["alpha"] == ranker.alpha and len(info["tuning_ndcg@10_by_alpha"]) == len(ALPHAS)
+    best = max(info["tuning_ndcg@10_by_alpha"].values())
+    assert info["tuning_ndcg@10_by_alpha"][str(ranker.alpha)] == best
+    # scoring valid: tuned on train, never on the cases being scored
+    on_valid = build_baselines(make_ctx(root, split="valid"), ["bm25+sasrec"])["bm25+sasrec"]
+    assert on_valid.alpha in ALPHAS and on_valid.info()["alpha_tuned_on"].startswith("train search cases")
+
+
+def test_two_stage_without_tuning_cases_fails_loudly(root, monkeypatch):
+    ctx = make_ctx(root)
+    ranker = build_baselines(ctx, ["bm25+sasrec"])["bm25+sasrec"]
+    no_cases = ctx.cases("valid", "search").iloc[:0]
+    monkeypatch.setattr(ctx, "cases", lambda split, task: no_cases)
+    with pytest.raises(ValueError, match="splits/valid has no search cases.*blend_alpha"):
+        ranker.alpha
 
 
 def test_missing_inputs_name_the_step(tmp_path):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gensar_core.model import decode
-from gensar_core.model.decode import OutputHead, constrained_beam_search, hf_beam_search, topk_agreement
+from gensar_core.model import decoder_states, onednn, t5_tree
+from gensar_core.model.decode import constrained_beam_search
+from gensar_core.model.decode_reference import hf_beam_search, topk_agreement
+from gensar_core.model.output_head import OutputHead
 from gensar_core.model.prefix_index import PrefixIndex
 
 WORDS, LEVELS, CODEBOOK, ITEMS = 40, 4, 16, 200
@@ -201,9 +203,9 @@ def test_one_row_per_beam_fallbacks_match_too(models, catalogue, kind, monkeypat
     ids, mask = prompts()
     tree = constrained_beam_search(model, ids, mask, index, BEAM, TOP_K, prefix_tokens=[SRC])
     if kind == "t5":
-        monkeypatch.setattr(decode._T5Tree, "supports", classmethod(lambda cls, m: False))
+        monkeypatch.setattr(t5_tree.T5TreeState, "supports", classmethod(lambda cls, m: False))
     else:
-        monkeypatch.setattr(decode._Causal, "__init__", _no_tree(decode._Causal.__init__))
+        monkeypatch.setattr(decoder_states.CausalState, "__init__", _no_tree(decoder_states.CausalState.__init__))
     flat = constrained_beam_search(model, ids, mask, index, BEAM, TOP_K, prefix_tokens=[SRC])
     assert_same(flat, tree)
 
@@ -221,7 +223,7 @@ def test_other_encoder_decoders_use_the_generic_path(catalogue):
         forced_bos_token_id=None, forced_eos_token_id=None)).eval()
     with torch.no_grad():
         model.final_logits_bias.normal_()
-    assert not decode._T5Tree.supports(model)
+    assert not t5_tree.T5TreeState.supports(model)
     ids, mask = prompts()
     assert_same(constrained_beam_search(model, ids, mask, index, BEAM, TOP_K, prefix_tokens=[REC], normalize="vocab"),
                 hf_beam_search(model, ids, mask, index, BEAM, TOP_K, prefix_tokens=[REC], normalize="vocab"))
@@ -329,7 +331,7 @@ def test_prefix_normalisation_skips_forced_levels(models, catalogue, kind, monke
     index = PrefixIndex.from_sequences(torch.unique(forced, dim=0))
     assert index.width[1] == 1 and index.width[3] == 1 and index.width[2] > 1
     model = models[kind]
-    state = decode._T5Tree if kind == "t5" else decode._Causal
+    state = t5_tree.T5TreeState if kind == "t5" else decoder_states.CausalState
     calls = []
     advance = state.advance
     monkeypatch.setattr(state, "advance", lambda self, *a: calls.append(1) or advance(self, *a))
@@ -361,13 +363,13 @@ def test_onednn_linear_equals_the_layer_and_follows_weight_updates():
     layer = torch.nn.Linear(16, 8)
     x = torch.randn(3, 5, 16)
     with torch.inference_mode():
-        torch.testing.assert_close(decode._linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(onednn.linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         layer.weight.mul_(2.0)  # an optimiser step between two evaluations
     with torch.inference_mode():
-        torch.testing.assert_close(decode._linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(onednn.linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
         wide = torch.nn.Linear(16, 8).double()  # other dtypes: the layer itself
-        torch.testing.assert_close(decode._linear(wide, x.double()), wide(x.double()), atol=0, rtol=0)
+        torch.testing.assert_close(onednn.linear(wide, x.double()), wide(x.double()), atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------- banned items (a user's history)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from gensar_core import tracking
 from gensar_core.baselines import BASELINES
 from gensar_core.config import PipelineConfig
 from gensar_core.evaluate import run_evaluate
@@ -95,9 +96,7 @@ def test_markdown_table_marks_missing_tasks():
     assert table.splitlines()[2] == "| a | 0.5000 | 1.0000 | 1.0000 | 0.7000 | 0.7000 | n/a | n/a | n/a | n/a | n/a |"
 
 
-def test_logs_to_mlflow_when_tracking_exists(root, tmp_path, monkeypatch):
-    tracking = pytest.importorskip("gensar_core.tracking")
-    pytest.importorskip("mlflow")
+def test_logs_to_mlflow(root, tmp_path, monkeypatch):
     monkeypatch.setenv("GENSAR_HOME", str(tmp_path / "home"))
     cfg = PipelineConfig(warehouse=root, tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                          evaluate={"baselines": ["popularity"], "protocols": ["full"], "report_name": "mlflow",
@@ -107,3 +106,16 @@ def test_logs_to_mlflow_when_tracking_exists(root, tmp_path, monkeypatch):
     run = tracking.get_run(cfg, out["mlflow_run_id"])
     assert run.data.metrics["eval/oracle/full/rec/HR_1"] == 1.0
     assert "report/report.md" in tracking.list_artifacts(cfg, out["mlflow_run_id"])
+
+
+def test_a_broken_tracking_store_fails_the_evaluation(root, tmp_path, monkeypatch):
+    """A store that cannot be written must fail the step, not leave it green and unrecorded."""
+    monkeypatch.setenv("GENSAR_HOME", str(tmp_path / "home"))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the store's folder should be")
+    cfg = PipelineConfig(warehouse=root, tracking={"uri": f"sqlite:///{blocker / 'mlflow.db'}"},
+                         evaluate={"baselines": ["popularity"], "protocols": ["full"], "report_name": "broken",
+                                   "log_mlflow": True})
+    with pytest.raises(NotADirectoryError, match="not-a-dir"):
+        run_evaluate(cfg, {"oracle": Oracle()})
+    assert (root / "reports" / "broken" / "report.md").is_file()  # the report itself is kept

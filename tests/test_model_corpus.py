@@ -235,3 +235,12 @@ def test_items_without_identifiers_are_refused(toy):
         write_table(ident.iloc[1:], stage / "items")
     with pytest.raises(ValueError, match="without an identifier"):
         run_build_corpus(make_cfg(toy))
+
+
+def test_a_missing_valid_split_is_an_error_not_silence(toy):
+    """Without splits/valid training would run with no validation and no checkpoint selection."""
+    import shutil
+
+    shutil.rmtree(Warehouse(toy).path("splits", "valid"))
+    with pytest.raises(FileNotFoundError, match="splits/valid"):
+        run_build_corpus(make_cfg(toy))

@@ -7,8 +7,9 @@ min-max-normalised retrieval score and the min-max-normalised SASRec score of th
     alpha * retrieval + (1 - alpha) * sasrec        (alpha 0: SASRec alone orders the retrieved set)
 
 `alpha` is `evaluate.blend_alpha`, or, when that is None, the value of 0, 0.1, ..., 1 with the best
-NDCG@10 on the valid split's search cases (full-catalogue protocol; ties: the smaller alpha),
-as one would tune it before shipping. Recommendation traffic in such a system is served by the
+NDCG@10 on the search cases of the split before the scored one (valid when scoring test, train
+when scoring valid: never the cases being scored; full-catalogue protocol; ties: the smaller
+alpha), as one would tune it before shipping. Recommendation traffic in such a system is served by the
 recommender itself, so on the rec task this ranker is SASRec.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ from gensar_core.evaluate.ranking import ScoreRanker, allowed_mask, top_k
 log = logging.getLogger(__name__)
 
 ALPHAS = tuple(round(i / 10, 1) for i in range(11))
+# the split alpha is tuned on, by the split being scored
+TUNING_SPLIT = {"test": "valid", "valid": "train"}
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -68,12 +71,17 @@ class TwoStageRanker(ScoreRanker):
     def _parts(self, cases: pd.DataFrame, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.retriever.score(cases, "search"), self.reranker.score(cases, "search")
 
-    def tune(self, split: str = "valid", k: int = 10) -> float:
-        """The blend weight with the best NDCG@k on `split`'s search cases (full catalogue)."""
+    @property
+    def tuning_split(self) -> str:
+        return TUNING_SPLIT[self.ctx.cfg.evaluate.split]
+
+    def tune(self, k: int = 10) -> float:
+        """The blend weight with the best NDCG@k on the tuning split's search cases (full catalogue)."""
+        split = self.tuning_split
         cases = self.ctx.cases(split, "search")
         if not len(cases):
-            log.warning("%s: no %s search cases to tune on; alpha 0.5", self.name, split)
-            return 0.5
+            raise ValueError(f"{self.name}: splits/{split} has no search cases to tune the blend weight on "
+                             f"(evaluating {self.ctx.cfg.evaluate.split}); set evaluate.blend_alpha")
         batch = self.ctx.cfg.evaluate.batch_size
         lists: dict[float, list] = {a: [] for a in ALPHAS}
         for start in range(0, len(cases), batch):
@@ -86,7 +94,7 @@ class TwoStageRanker(ScoreRanker):
         targets = cases["target"].to_numpy()
         self.tuning = {a: round(ndcg_at_k(lists[a], targets, k), 5) for a in ALPHAS}
         best = max(ALPHAS, key=lambda a: (self.tuning[a], -a))
-        log.info("%s: alpha %.1f (valid NDCG@%d by alpha: %s)", self.name, best, k, self.tuning)
+        log.info("%s: alpha %.1f (%s NDCG@%d by alpha: %s)", self.name, best, split, k, self.tuning)
         return float(best)
 
     def masked_scores(self, cases: pd.DataFrame, task: str, mask: np.ndarray) -> np.ndarray:
@@ -99,6 +107,8 @@ class TwoStageRanker(ScoreRanker):
     def info(self) -> dict:
         out = {"top_n": self.top_n, "alpha": self._alpha}
         if self.tuning:
-            out["alpha_tuned_on"] = "valid search cases, NDCG@10, full catalogue"
-            out["valid_ndcg@10_by_alpha"] = {str(a): v for a, v in self.tuning.items()}
+            out["alpha_tuned_on"] = f"{self.tuning_split} search cases, NDCG@10, full catalogue"
+            out["tuning_ndcg@10_by_alpha"] = {str(a): v for a, v in self.tuning.items()}
+        else:
+            out["alpha_tuned_on"] = "set by evaluate.blend_alpha"
         return out

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
+from gensar_core import tracking
 from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.metrics import metric_names
 from gensar_core.evaluate.protocols import PROTOCOL_LABELS, PROTOCOLS, TASKS
@@ -153,21 +154,13 @@ def flat_metrics(results: dict) -> dict[str, float]:
     return out
 
 
-def log_to_mlflow(cfg: PipelineConfig, results: dict, paths: dict, run_name: Optional[str] = None) -> Optional[str]:
-    """Log the metrics and the report folder to MLflow through gensar_core.tracking, when that module
-    is there; returns the run id, or None when tracking is unavailable or fails (logged, not raised)."""
-    try:
-        from gensar_core import tracking
-    except ImportError:
-        log.info("gensar_core.tracking not available: the report is not logged to MLflow")
-        return None
-    try:
-        tracking.silence_mlflow_warnings() if hasattr(tracking, "silence_mlflow_warnings") else None
-        name = run_name or f"evaluate|{results.get('meta', {}).get('name', '')}"
-        with tracking.start_run(cfg, name, tags={"step": "evaluate"}) as run:
-            tracking.log_metrics(flat_metrics(results))
-            tracking.log_artifact(paths["dir"], "report")
-            return run.info.run_id
-    except Exception as e:  # tracking must never lose the evaluation itself
-        log.warning("could not log the evaluation to MLflow: %s", e)
-        return None
+def log_to_mlflow(cfg: PipelineConfig, results: dict, paths: dict, run_name: Optional[str] = None) -> str:
+    """Log the metrics and the report folder to MLflow; returns the run id. A tracking failure is
+    raised, so a broken store fails the evaluate task instead of leaving it green and unrecorded
+    (the report files are already written, so a retry only logs again)."""
+    tracking.silence_mlflow_warnings()
+    name = run_name or f"evaluate|{results.get('meta', {}).get('name', '')}"
+    with tracking.start_run(cfg, name, tags={"step": "evaluate"}) as run:
+        tracking.log_metrics(flat_metrics(results))
+        tracking.log_artifact(paths["dir"], "report")
+        return run.info.run_id

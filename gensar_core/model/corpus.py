@@ -261,11 +261,8 @@ def run_build_corpus(cfg: PipelineConfig) -> dict:
         raise ValueError("every corpus task is switched off (corpus.tasks.<name>.enabled)")
     wh = Warehouse(cfg.warehouse)
     seed = cfg.seed if ccfg.seed is None else ccfg.seed
-    train = wh.read("splits/train")
-    try:
-        valid = wh.read("splits/valid")
-    except FileNotFoundError:
-        valid = None
+    # no valid split would mean no validation and no checkpoint selection: fail instead
+    train, valid = wh.read("splits/train"), wh.read("splits/valid")
     identifiers = apply_id_scheme(wh.read("identifiers/items", ["item_id", "semantic_id", "collaborative_id"]),
                                   ccfg.id_scheme)
     items = wh.read("curated/items", ["item_id", "title", "text", "categories"])
