@@ -31,13 +31,64 @@ def test_ranker_returns_valid_unseen_items(trained):
             assert not set(items.tolist()) & set(np.asarray(ex).tolist())
 
 
-def test_ranker_under_both_protocols(trained):
-    ranker = generative_rankers(trained)["gensar"]
-    result = evaluate_ranker(ranker, trained, "test")
-    for protocol in ("full", "sampled"):
-        for task in ("rec", "search"):
-            m = result[protocol][task]
-            assert m is not None and 0.0 <= m["NDCG@10"] <= 1.0 and m["HR@10"] >= m["HR@1"]
+def teacher_forced_scores(ranker, prompts: list[str], task: str) -> np.ndarray:
+    """[B, N] log-probability of every item's full ID given each prompt (full-vocabulary softmax),
+    computed by scoring each ID token by token: the exact ranking an exhaustive search must give."""
+    import torch
+
+    model, sequences = ranker.model, ranker.sequences[task]
+    input_ids, mask = ranker.encode(prompts)
+    start = model.config.decoder_start_token_id
+    n_items, levels = sequences.shape
+    out = np.zeros((len(prompts), n_items))
+    with torch.inference_mode():
+        for row in range(len(prompts)):
+            decoder = torch.cat([torch.full((n_items, 1), start), ranker.prefix[task].expand(n_items, 1),
+                                 sequences[:, :-1]], dim=1)
+            logits = model(input_ids=input_ids[row:row + 1].expand(n_items, -1),
+                           attention_mask=mask[row:row + 1].expand(n_items, -1), decoder_input_ids=decoder).logits
+            logp = logits[:, 1:].float().log_softmax(-1).gather(2, sequences[:, :, None]).squeeze(2)
+            out[row, ranker.item_idx] = logp.sum(1).numpy()
+    return out
+
+
+def test_ranker_gives_the_exact_ranking_and_its_metrics(trained):
+    """With a beam as wide as the catalogue the search is exhaustive: its lists are the items
+    sorted by their teacher-forced log-probabilities, history excluded, and the protocol's
+    NDCG@10 / HR@10 are those of that known ranking."""
+    from gensar_core.config import with_overrides
+    from gensar_core.evaluate.metrics import hit_rate_at_k, ndcg_at_k
+
+    n_items = len(Warehouse(trained.warehouse).read("identifiers/items"))
+    cfg = with_overrides(trained, [f"evaluate.beam_size={n_items}", "evaluate.scoring=vocab",
+                                   "evaluate.protocols=[full]", "evaluate.max_cases=12"])
+    ranker = generative_rankers(cfg)["gensar"]
+    ctx = EvalContext(cfg)
+    result = evaluate_ranker(ranker, cfg, "test", ctx=ctx, tasks=("rec",))["full"]["rec"]
+    cases = ctx.cases("test", "rec")
+    scores = teacher_forced_scores(ranker, ranker.prompts(cases, "rec"), "rec")
+    known = []
+    for row, exclude in enumerate(cases["exclude"]):
+        s = scores[row].copy()
+        s[np.asarray(exclude, dtype=np.int64)] = -np.inf
+        known.append(np.argsort(-s, kind="stable")[:10])
+    ranked = ranker.rank(cases, "rec", 10)
+    for ours, ref, row in zip(ranked, known, scores):
+        assert len(ours) == 10
+        # the same list, up to ties in the teacher-forced scores
+        np.testing.assert_allclose(row[ours], row[ref], atol=1e-4)
+    targets = cases["target"].to_numpy()
+    assert result["n"] == len(cases) == 12
+    assert result["NDCG@10"] == pytest.approx(ndcg_at_k(known, targets, 10), abs=1e-9)
+    assert result["HR@10"] == pytest.approx(hit_rate_at_k(known, targets, 10), abs=1e-9)
+
+
+def test_an_untrained_variant_fails_the_evaluation(trained):
+    from gensar_core.config import with_overrides
+
+    cfg = with_overrides(trained, ['evaluate.variants={"never-trained": ["train.run_name=never-trained-run"]}'])
+    with pytest.raises(FileNotFoundError, match="never-trained: no trained model.*--variant never-trained"):
+        generative_rankers(cfg)
 
 
 def test_tiger_style_variant_in_the_same_report(toy_model, tmp_path):

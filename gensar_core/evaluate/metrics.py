@@ -62,16 +62,8 @@ def metric_names(ks: Sequence[int] = (1, 5, 10)) -> list[str]:
 def summarize(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int],
               ks: Sequence[int] = (1, 5, 10)) -> dict:
     """{HR@1, HR@5, HR@10, NDCG@5, NDCG@10} for the default ks, plus `n` (the number of cases)."""
-    ranks = target_ranks(ranked_lists, targets)
-    out: dict = {}
     ks = sorted(set(int(k) for k in ks))
-    n = len(ranks)
-    for k in ks:
-        hit = (ranks >= 0) & (ranks < k)
-        out[f"HR@{k}"] = float(hit.mean()) if n else 0.0
-    for k in ks:
-        if k > 1:
-            hit = (ranks >= 0) & (ranks < k)
-            out[f"NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0).mean()) if n else 0.0
-    out["n"] = int(n)
+    out: dict = {f"HR@{k}": hit_rate_at_k(ranked_lists, targets, k) for k in ks}
+    out.update({f"NDCG@{k}": ndcg_at_k(ranked_lists, targets, k) for k in ks if k > 1})
+    out["n"] = len(targets)
     return out
