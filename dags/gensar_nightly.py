@@ -40,7 +40,7 @@ SPARK_CONN_ID = os.environ.get("GENSAR_SPARK_CONN_ID") or None
                                          "paper's T5 prompts); empty: the config's"),
         "backbone": Param("", enum=["", "t5-scratch", "smollm2", "local"],
                           description="backbone of the prompted formulation (sets it); empty: the config's"),
-        "tasks": Param(["rec", "search", "query", "adhoc", "align"], type="array",
+        "tasks": Param(list(pipeline.TRAINING_TASKS), type="array",
                        description="training tasks to keep (rec-only / search-only variants and ablations)"),
         "epochs": Param(0, type="integer", minimum=0, description="training epochs; 0: the config's"),
         "max_steps": Param(0, type="integer", minimum=0, description="optimizer steps cap; 0: none beyond the config's"),

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=(STEPS[name].__doc__ or "").strip().splitlines()[0] if STEPS[name].__doc__ else None)
     run = sub.add_parser("run", help="run all steps in order (or --steps a,b)")
     run.add_argument("--steps", help="comma-separated subset of steps")
-    sub.add_parser("config", help="print the resolved configuration")
+    sub.add_parser("config", help="print every config value and where it came from (default, file, --set, variant)")
     return p
 
 
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.set)
+        cfg_variants = cfg.evaluate.variants
         if args.variant:
             from gensar_core.config import with_overrides
 
@@ -61,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                                   f"({sorted(cfg.evaluate.variants) or 'none'})")
             cfg = with_overrides(cfg, cfg.evaluate.variants[args.variant])
         if args.command == "config":
-            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+            from gensar_core.config import config_sources
+
+            layers = {f"variant {args.variant}": cfg_variants[args.variant]} if args.variant else None
+            for key, value, source in config_sources(cfg, args.config, args.set, layers):
+                print(f"{key} = {json.dumps(value)}    # {source}")
             return 0
         names = [args.command] if args.command != "run" else (args.steps.split(",") if args.steps else None)
         for step, result in run_steps(cfg, names).items():

@@ -3,6 +3,9 @@
 A config is built from defaults, then an optional YAML file, then `--set key.path=value`
 overrides from the command line. Unknown keys and bad values raise `ConfigError` naming the
 key and where it came from.
+
+The defaults below are the embedded default run (`make run`): a YAML file under configs/ holds
+only what differs from them, and `gensar config` prints every value with where it came from.
 """
 from __future__ import annotations
 
@@ -188,11 +191,11 @@ class EmbedConfig(_Strict):
 
 
 class IdentifierConfig(_Strict):
-    """Dual residual quantiser (PAPER.md section 2)."""
+    """Dual residual quantiser (docs/method.md "Dual-purpose identifiers")."""
 
     # retrain: learn the quantiser and assign every ID afresh. incremental (nightly): keep the
     # existing IDs and give only new items cold-start IDs (trains when there is no table yet)
-    mode: Literal["retrain", "incremental"] = "retrain"
+    mode: Literal["retrain", "incremental"] = "incremental"
 
     hidden_dims: list[int] = [512, 256, 128, 64]
     latent_dim: int = Field(32, ge=2)  # per modality; the joint latent is twice this
@@ -226,7 +229,7 @@ class IdentifierConfig(_Strict):
     device: Optional[str] = None
 
 
-# ---------------------------------------------------------------- generative model (PAPER.md section 3)
+# ---------------------------------------------------------------- generative model (docs/method.md "The generative model and its tasks")
 class TaskConfig(_Strict):
     """One training task of the corpus."""
 
@@ -244,6 +247,10 @@ class CorpusTasksConfig(_Strict):
     query: TaskConfig = TaskConfig()      # next search query: history -> <src_query> + query
     adhoc: TaskConfig = TaskConfig(templates_per_example=2)  # pseudo-query -> <src_item> + semantic ID
     align: TaskConfig = TaskConfig()      # item text <-> semantic / collaborative ID
+
+
+# the corpus's training tasks, in order: the fields of CorpusTasksConfig
+TRAINING_TASKS: tuple[str, ...] = tuple(CorpusTasksConfig.model_fields)
 
 
 class CorpusConfig(_Strict):
@@ -287,6 +294,9 @@ class TimelineModelConfig(_Strict):
     num_layers: int = Field(2, ge=1)
     tokens_per_batch: int = Field(16384, ge=64)  # padded tokens per optimizer step
     adhoc_per_item: int = Field(1, ge=0)   # ad-hoc search windows (pseudo-query -> ID) per item and epoch
+    embed_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on token embeddings while training
+    # start identifier token embeddings from the quantiser's code vectors (timeline_train.py)
+    init_ids_from_codes: bool = False
 
 
 class LoRASettings(_Strict):
@@ -307,7 +317,7 @@ class ModelConfig(_Strict):
     backbone: Literal["t5-scratch", "smollm2", "local"] = "t5-scratch"
     # prompted: the paper's recipe, one prompt (last 5 + 5 events) per example, `backbone` above;
     # timeline: one decoder-only pass over each user's whole interleaved history (`timeline`)
-    formulation: Literal["prompted", "timeline"] = "prompted"
+    formulation: Literal["prompted", "timeline"] = "timeline"
     timeline: TimelineModelConfig = TimelineModelConfig()
     path: Optional[Path] = None
     # where converted models are cached; None: $GENSAR_HOME/models
@@ -328,14 +338,16 @@ class TrainConfig(_Strict):
     """The `train` step."""
 
     run_name: Optional[str] = None  # None: '<backbone>|<task>+<task>...'
-    # nightly fine-tuning: start from the registry's champion (weights + tokenizer) when there is one
-    init_from_champion: bool = False
-    epochs: int = Field(3, ge=1)
+    # nightly fine-tuning: start from the registry's champion (weights + tokenizer) when there is
+    # one (the prompted formulation; a timeline model retrains)
+    init_from_champion: bool = True
+    # an upper bound: early stopping on validation NDCG@10 keeps the best checkpoint
+    epochs: int = Field(20, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)  # optimizer steps; None: epochs decide
     batch_size: int = Field(64, ge=1)             # per device, per micro-step
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -343,13 +355,13 @@ class TrainConfig(_Strict):
     # 'auto': bf16 (or fp16 with loss scaling) on a GPU, full precision on CPU
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     # validation every `eval_every` optimizer steps and at the end of every epoch (0: epochs only)
-    eval_every: int = Field(500, ge=0)
+    eval_every: int = Field(76, ge=0)  # about two epochs of the default's timeline corpus
     max_valid_examples: Optional[int] = Field(2000, ge=1)
     # early stopping on a validation metric: 'valid/loss' built in; evaluators add more
     # (e.g. a decoder's 'valid/rec/ndcg@5' with mode 'max'). patience 0: off
     metric: str = "valid/loss"
     metric_mode: Literal["min", "max"] = "min"
-    patience: int = Field(5, ge=0)
+    patience: int = Field(3, ge=0)
     # extra validation metrics: 'package.module:function', called as fn(ctx) -> dict
     evaluators: list[str] = []
     save_every: int = Field(500, ge=1)            # checkpoint every N optimizer steps (and each epoch)
@@ -362,7 +374,7 @@ class TrainConfig(_Strict):
     seed: Optional[int] = None                    # None: the pipeline seed
 
 
-# ---------------------------------------------------------------- evaluation (DESIGN.md "Evaluation protocol")
+# ---------------------------------------------------------------- evaluation (docs/architecture.md "Evaluation protocol")
 class EvaluateConfig(_Strict):
     """The `evaluate` step: baselines (and plugged-in models) on a held-out split, two protocols.
 
@@ -509,21 +521,26 @@ def with_overrides(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
         raise ConfigError(_format_errors(e, "overrides " + " ".join(overrides))) from None
 
 
+def read_config_file(path: str | Path) -> dict:
+    """The key tree of a config YAML file ({} for an empty one)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Defaults <- YAML file <- `key.path=value` overrides."""
     tree: dict = {}
     origin = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        tree = loaded
+        tree = read_config_file(path)
         origin = str(path)
     if overrides:
         tree = _merge(tree, parse_overrides(overrides))
@@ -532,3 +549,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, origin)) from None
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b.c': leaf} of a nested mapping (a mapping value that is empty counts as a leaf)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_sources(cfg: PipelineConfig, path: str | Path | None = None, overrides: list[str] | None = None,
+                   layers: Optional[dict[str, list[str]]] = None) -> list[tuple[str, Any, str]]:
+    """(key, value, source) for every leaf of `cfg`, source being 'default', the YAML file, the
+    command-line override, or a named layer of overrides applied after them (e.g. a variant)."""
+    given: list[tuple[str, dict]] = []
+    if path is not None:
+        given.append((str(path), _flat(read_config_file(path))))
+    if overrides:
+        given.append(("--set", _flat(parse_overrides(overrides))))
+    for name, items in (layers or {}).items():
+        given.append((name, _flat(parse_overrides(items))))
+    rows = []
+    for key, value in _flat(cfg.model_dump(mode="json")).items():
+        source = "default"
+        for name, keys in given:  # the last layer that names the key (or a section above it) wins
+            if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in keys):
+                source = name
+        rows.append((key, value, source))
+    return rows

@@ -1,6 +1,6 @@
 """The pipeline's steps and their order, shared by the `gensar` CLI and the Airflow DAGs.
 
-Each step takes the one PipelineConfig, reads and writes warehouse tables (DESIGN.md), and
+Each step takes the one PipelineConfig, reads and writes warehouse tables (docs/architecture.md "Steps and their data contracts"), and
 returns a small dict of what it did (counts, metrics) for the caller to print or log.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from gensar_core import tracking
-from gensar_core.config import PipelineConfig
+from gensar_core.config import TRAINING_TASKS, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def step_train(cfg: PipelineConfig) -> dict:
         return run_train_timeline(cfg)
     if cfg.train.init_from_champion:
         from gensar_core import registry
-        from gensar_core.model.train import trained_model_dir
+        from gensar_core.model.runs import trained_model_dir
 
         champion = registry.champion_model_dir(cfg)
         if champion is not None:
@@ -113,7 +113,7 @@ def generative_ranker(cfg: PipelineConfig, name: str = "gensar"):
     """The trained generative model of `cfg` as a Ranker; a model that has not been trained is an
     error, so a report never silently lacks the method it was asked for."""
     from gensar_core.model.corpus import apply_id_scheme, enabled_tasks
-    from gensar_core.model.train import trained_model_dir
+    from gensar_core.model.runs import trained_model_dir
     from gensar_core.storage import Warehouse
 
     model_dir = trained_model_dir(cfg)
@@ -139,7 +139,7 @@ def step_evaluate(cfg: PipelineConfig) -> dict:
 def step_register(cfg: PipelineConfig) -> dict:
     """Register this config's trained model in MLflow; champion only if better on both tasks."""
     from gensar_core import registry
-    from gensar_core.model.train import trained_model_dir
+    from gensar_core.model.runs import trained_model_dir
 
     ranker = generative_ranker(cfg)
     if ranker is None:
@@ -217,5 +217,3 @@ def config_for_run(params: dict | None, ds: str | None = None) -> PipelineConfig
         overrides.append(f"ds={ds}")
     return load_config(path, overrides)
 
-
-TRAINING_TASKS = ("rec", "search", "query", "adhoc", "align")

@@ -101,7 +101,7 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFra
 
 
 class Warehouse:
-    """Paths of the tables of DESIGN.md under one root."""
+    """Paths of the tables of docs/architecture.md "Steps and their data contracts" under one root."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).absolute()

@@ -49,7 +49,7 @@ def toy_model(tmp_path_factory):
     import torch
 
     from gensar_core.config import PipelineConfig
-    from gensar_core.model.synthetic import write_toy_warehouse
+    from toy_warehouse import write_toy_warehouse
     from gensar_core.pipeline import step_build_corpus, step_train
     from gensar_core.storage import Warehouse, atomic_dir, write_table
 
@@ -65,7 +65,7 @@ def toy_model(tmp_path_factory):
     cfg = PipelineConfig.model_validate({
         "warehouse": str(root / "wh"), "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
         "identifiers": {"shared_levels": 2, "specific_levels": 2, "codebook_size": 8},
-        "model": {"scratch": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "tokenizer_vocab_size": 300}},
+        "model": {"formulation": "prompted", "scratch": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "tokenizer_vocab_size": 300}},
         "train": {"epochs": 2, "batch_size": 16, "eval_every": 0, "warmup_steps": 5, "progress": False},
         "evaluate": {"beam_size": 10, "baselines": ["popularity"], "log_mlflow": False},
         "scoring": {"partitions": 2, "active_days": 100000, "top_k": 5},

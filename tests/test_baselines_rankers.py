@@ -9,7 +9,7 @@ from gensar_core.baselines.two_stage import ALPHAS, TwoStageRanker
 from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.context import EvalContext
 from gensar_core.evaluate.protocols import sampled_candidates
-from gensar_core.evaluate.synthetic import hash_encoder, write_synthetic_warehouse
+from eval_warehouse import hash_encoder, write_synthetic_warehouse
 
 DIM = 64
 

@@ -1,6 +1,8 @@
 """The one typed config: defaults run, YAML + overrides merge, bad input says what and where."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gensar_core.config import ConfigError, PipelineConfig, load_config
@@ -64,7 +66,29 @@ def test_fingerprint_tracks_content():
 
 
 def test_shipped_configs_load():
-    from pathlib import Path
-
     for f in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         load_config(f)
+
+
+def test_the_typed_defaults_are_the_embedded_default_run():
+    """configs/default.yaml holds nothing the config class does not already say."""
+    root = Path(__file__).resolve().parents[1]
+    assert load_config(root / "configs" / "default.yaml") == PipelineConfig()
+    cfg = PipelineConfig()
+    assert (cfg.model.formulation, cfg.identifiers.mode, cfg.identifiers.codebook_size) == ("timeline", "incremental", "auto")
+    assert (cfg.train.epochs, cfg.train.init_from_champion) == (20, True)
+
+
+def test_config_sources_say_where_each_value_came_from(tmp_path):
+    from gensar_core.config import config_sources, with_overrides
+
+    f = tmp_path / "mine.yaml"
+    f.write_text("split:\n  kcore: 5\ntrain:\n  epochs: 4\n")
+    layer = {"variant v": ["train.epochs=2"]}
+    cfg = with_overrides(load_config(f, ["seed=7"]), layer["variant v"])
+    sources = {key: (value, source) for key, value, source in config_sources(cfg, f, ["seed=7"], layer)}
+    assert sources["split.kcore"] == (5, str(f))
+    assert sources["seed"] == (7, "--set")
+    assert sources["train.epochs"] == (2, "variant v")
+    assert sources["train.lr"] == (PipelineConfig().train.lr, "default")
+    assert set(sources) >= {"data.source.kind", "model.timeline.max_len", "evaluate.beam_size"}

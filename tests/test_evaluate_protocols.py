@@ -9,7 +9,7 @@ from gensar_core.evaluate.protocols import (
     bm25_hard_negatives, clean_ranked_lists, evaluate_ranker, popularity_negatives, sampled_candidates,
 )
 from gensar_core.evaluate.ranking import ScoreRanker
-from gensar_core.evaluate.synthetic import write_synthetic_warehouse
+from eval_warehouse import write_synthetic_warehouse
 
 
 @pytest.fixture(scope="module")

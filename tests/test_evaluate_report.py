@@ -11,7 +11,7 @@ from gensar_core.config import PipelineConfig
 from gensar_core.evaluate import run_evaluate
 from gensar_core.evaluate.context import EvalContext
 from gensar_core.evaluate.report import markdown_table
-from gensar_core.evaluate.synthetic import hash_encoder, write_synthetic_warehouse
+from eval_warehouse import hash_encoder, write_synthetic_warehouse
 
 DIM = 32
 

@@ -16,7 +16,7 @@ import torch
 from gensar_core.config import PipelineConfig
 from gensar_core.model.backbone import convert_smollm2, load_backbone, load_trained, smollm2_gguf_path
 from gensar_core.model.corpus import run_build_corpus
-from gensar_core.model.synthetic import write_toy_warehouse
+from toy_warehouse import write_toy_warehouse
 from gensar_core.model.train import run_train
 
 pytestmark = pytest.mark.slow
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 def toy(root: Path, **cfg) -> PipelineConfig:
     write_toy_warehouse(root, n_users=12, n_items=16, events_per_user=8, seed=2)
     tree = {"warehouse": str(root), "identifiers": {"codebook_size": 8}, **cfg}
+    tree["model"] = {"formulation": "prompted", **tree.get("model", {})}
     config = PipelineConfig.model_validate(tree)
     run_build_corpus(config)
     return config

@@ -12,7 +12,7 @@ from gensar_core.model import corpus as corpus_mod
 from gensar_core.model.backbone import build_scratch_tokenizer
 from gensar_core.model.corpus import TASKS, derived_query, run_build_corpus
 from gensar_core.model.prompts import TEMPLATES, ItemIds, render_history, select_history, templates
-from gensar_core.model.synthetic import write_toy_warehouse
+from toy_warehouse import write_toy_warehouse
 from gensar_core.model.vocab import BEHAVIOUR_TOKENS, add_vocabulary, added_tokens, check_single_tokens
 from gensar_core.storage import Warehouse
 

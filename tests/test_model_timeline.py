@@ -78,7 +78,7 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     from gensar_core.config import PipelineConfig
     from gensar_core.evaluate.context import EvalContext
     from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
-    from gensar_core.model.synthetic import write_toy_warehouse
+    from toy_warehouse import write_toy_warehouse
     from gensar_core.model.timeline_train import run_train_timeline
     from gensar_core.storage import Warehouse
 
@@ -119,7 +119,7 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
 def test_evaluation_cases_carry_the_whole_timeline_behind_seq(tmp_path):
     from gensar_core.config import PipelineConfig
     from gensar_core.evaluate.context import EvalContext
-    from gensar_core.model.synthetic import write_toy_warehouse
+    from toy_warehouse import write_toy_warehouse
 
     write_toy_warehouse(tmp_path / "wh", n_users=12, n_items=20, events_per_user=9, seed=2)
     ctx = EvalContext(PipelineConfig(warehouse=tmp_path / "wh"))
@@ -130,3 +130,34 @@ def test_evaluation_cases_carry_the_whole_timeline_behind_seq(tmp_path):
                 assert [ctx.item_index[e["item_id"]] for e in timeline] == seq.tolist()
                 assert all(e["behavior"] in ("rec", "search") for e in timeline)
                 assert all(e["query"] for e in timeline if e["behavior"] == "search")
+
+
+def test_identifier_embeddings_start_from_the_code_vectors():
+    """Each ID token's row is its code vector through one orthonormal map a level: the inner
+    products between a level's codes are kept (up to the level's scale)."""
+    import torch
+
+    from gensar_core.config import PipelineConfig
+    from gensar_core.identifiers.quantiser import DualQuantiser, QuantiserSpec
+    from gensar_core.model.timeline import build_tokenizer
+    from gensar_core.model.timeline_train import build_model, init_id_embeddings
+    from gensar_core.model.vocab import added_tokens
+
+    cfg = PipelineConfig.model_validate({"identifiers": {"codebook_size": 8},
+                                         "model": {"timeline": {"d_model": 32, "d_ff": 64, "num_heads": 2}}})
+    quantiser = DualQuantiser(QuantiserSpec(semantic_dim=16, collaborative_dim=16, hidden_dims=(16,), latent_dim=4,
+                                            codebook_size=8))
+    torch.manual_seed(0)
+    for stack in (quantiser.shared, quantiser.semantic, quantiser.collaborative):
+        for codebook in stack.codebooks:
+            codebook.data.normal_()
+    tokenizer = build_tokenizer(["a query"], added_tokens(cfg))
+    model = build_model(tokenizer, cfg.model, seed=0)
+    assert init_id_embeddings(model, tokenizer, quantiser, seed=0) == 6 * 8  # 2 shared + 2 + 2 specific levels
+    weight = model.get_input_embeddings().weight.detach()
+    for letter, codebook in (("a", quantiser.shared.codebooks[0]), ("t", quantiser.semantic.codebooks[1]),
+                             ("d", quantiser.collaborative.codebooks[1])):
+        rows = weight[tokenizer.convert_tokens_to_ids([f"<{letter}_{c}>" for c in range(8)])]
+        codes = codebook.detach()
+        gram, code_gram = rows @ rows.T, codes @ codes.T
+        torch.testing.assert_close(gram / gram.abs().max(), code_gram / code_gram.abs().max(), atol=1e-4, rtol=1e-4)

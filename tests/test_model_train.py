@@ -15,7 +15,7 @@ from gensar_core.config import PipelineConfig
 from gensar_core.model.backbone import load_backbone, load_trained
 from gensar_core.model.corpus import run_build_corpus
 from gensar_core.model.data import IGNORE, encode_examples
-from gensar_core.model.synthetic import write_toy_warehouse
+from toy_warehouse import write_toy_warehouse
 from gensar_core.model.train import epoch_order, lr_factor, run_slug, run_train
 
 SCRATCH = {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers": 1, "num_decoder_layers": 1,
@@ -45,7 +45,7 @@ def toy_root(tmp_path_factory):
 
 def make_cfg(wh, train=None, model=None, **extra) -> PipelineConfig:
     tree = {"warehouse": str(wh), "identifiers": {"codebook_size": 8},
-            "model": {"scratch": SCRATCH, "max_input_length": 128, **(model or {})},
+            "model": {"formulation": "prompted", "scratch": SCRATCH, "max_input_length": 128, **(model or {})},
             "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "eval_every": 10,
                       "save_every": 10, "log_every": 5, "progress": False, "patience": 0, **(train or {})}}
     tree.update(extra)

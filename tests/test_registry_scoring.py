@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from gensar_core import registry, tracking
-from gensar_core.model.train import trained_model_dir
+from gensar_core.model.runs import trained_model_dir
 from gensar_core.pipeline import step_batch_score, step_register
 from gensar_core.scoring import partition_of
 from gensar_core.storage import Warehouse

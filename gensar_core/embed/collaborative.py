@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gensar_core.config import CollaborativeEmbedConfig, PipelineConfig
+from gensar_core.devices import pick_device
 from gensar_core.embed.sasrec import PAD, SASRec, SASRecConfig, load_sasrec, save_sasrec
 from gensar_core.embed.vectors import vectors_table
 from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic, write_table
@@ -75,10 +76,6 @@ def training_windows(sequences: Sequence[Sequence[int]], max_len: int, rng: np.r
             row[width - len(window):] = window
             rows.append(row)
     return np.stack(rows) if rows else np.zeros((0, width), dtype=np.int64)
-
-
-def pick_device(device: Optional[str]) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ---------------------------------------------------------------- training

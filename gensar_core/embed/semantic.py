@@ -69,20 +69,14 @@ def model_identity(path: Path, max_length: int) -> str:
     return h.hexdigest()
 
 
-def pick_device(device: Optional[str]) -> str:
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_encoder(cfg: SemanticEmbedConfig):
     from sentence_transformers import SentenceTransformer
 
+    from gensar_core.devices import pick_device
+
     # local_files_only: a config path that is not a local folder must fail, never download
     model = SentenceTransformer(
-        str(model_path(cfg)), device=pick_device(cfg.device), local_files_only=True
+        str(model_path(cfg)), device=str(pick_device(cfg.device)), local_files_only=True
     )
     # some tokenizers report a huge sentinel as their limit; min() keeps the real one
     model.max_seq_length = min(cfg.max_length, model.tokenizer.model_max_length)

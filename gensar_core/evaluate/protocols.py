@@ -1,4 +1,4 @@
-"""The two evaluation protocols (DESIGN.md "Evaluation protocol") and `evaluate_ranker`.
+"""The two evaluation protocols (docs/architecture.md "Evaluation protocol") and `evaluate_ranker`.
 
 `full` (the headline): every item of the catalogue is a candidate; the items of the user's
     earlier splits (train, plus valid when evaluating test) are excluded from the ranking. A

@@ -1,4 +1,4 @@
-"""Dual-purpose item identifiers (PAPER.md section 2).
+"""Dual-purpose item identifiers (docs/method.md "Dual-purpose identifiers").
 
     quantiser.py   DualQuantiser (+ the plain single-ID baseline) and train_quantiser
     assign.py      collision reduction, the uniqueness rule, report, cold start

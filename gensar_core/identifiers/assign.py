@@ -59,7 +59,7 @@ import torch
 
 from gensar_core.config import IdentifierConfig
 from gensar_core.identifiers.naming import format_id, token_letters
-from gensar_core.identifiers.quantiser import DualQuantiser
+from gensar_core.identifiers.quantiser import DualQuantiser, collision_rate
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,6 @@ def colliding_groups(codes: np.ndarray) -> list[np.ndarray]:
     order = np.argsort(inverse.reshape(-1), kind="stable")
     groups = np.split(order, np.cumsum(counts)[:-1])
     return [g for g in groups if len(g) > 1]
-
-
-def collision_rate(codes: np.ndarray) -> float:
-    """(N - distinct code paths) / N: the official code's definition."""
-    n = len(codes)
-    return (n - len(np.unique(codes, axis=0))) / n if n else 0.0
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The dual residual quantiser of GenSAR (PAPER.md section 2) and its training loop.
+"""The dual residual quantiser of GenSAR (docs/method.md "Dual-purpose identifiers") and its training loop.
 
     semantic x_s -> enc_s -> z_s (latent_dim) ┐
                                               ├ z = [z_s; z_c] -> shared residual codebooks (2*latent)
@@ -55,6 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gensar_core.config import IdentifierConfig
+from gensar_core.devices import pick_device
 from gensar_core.identifiers.kmeans import MAX_POINTS, kmeans
 
 log = logging.getLogger(__name__)
@@ -361,16 +362,12 @@ class PlainResidualQuantiser(_Base):
 
 
 # ---------------------------------------------------------------- training
-def pick_device(name: Optional[str] = None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def collision_rate(codes: torch.Tensor) -> float:
-    """Share of items whose code path another item already has: (N - distinct) / N."""
+def collision_rate(codes) -> float:
+    """Share of items whose code path another item already has, (N - distinct) / N: the official
+    code's definition. `codes` [N, levels], a tensor or an array."""
+    codes = torch.as_tensor(codes)
     n = codes.shape[0]
-    return (n - torch.unique(codes, dim=0).shape[0]) / max(n, 1)
+    return (n - torch.unique(codes, dim=0).shape[0]) / n if n else 0.0
 
 
 @dataclass

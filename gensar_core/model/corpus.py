@@ -8,7 +8,7 @@ enabled task, `corpus/{task}`, with the columns
 and `corpus/_manifest.json` (counts, seed, a content hash). The whole `corpus` folder is swapped
 in atomically, so a disabled task's old table disappears with the same commit.
 
-Tasks (PAPER.md section 3; `corpus.tasks.<name>.enabled` switches each off):
+Tasks (docs/method.md "The generative model and its tasks"; `corpus.tasks.<name>.enabled` switches each off):
 
     rec     next recommended item: every train 'rec' event; history -> `<rec_item>` + collaborative ID
     search  next searched item: every train 'search' event; history + query -> `<src_item>` + semantic ID
@@ -42,14 +42,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from gensar_core.config import CorpusConfig, PipelineConfig
+from gensar_core.config import TRAINING_TASKS, CorpusConfig, PipelineConfig
 from gensar_core.model.prompts import (
     ItemIds, fill, query_target, rec_target, render_history, search_target, templates)
 from gensar_core.storage import Warehouse, atomic_dir, resolve, write_json_atomic, write_table
 
 log = logging.getLogger(__name__)
 
-TASKS = ("rec", "search", "query", "adhoc", "align")
+TASKS = TRAINING_TASKS
 TASK_SEED = {name: i for i, name in enumerate(TASKS)}  # fixed: a task's stream never depends on others
 ALIGN_VARIANTS = ("text2sem", "text2col", "sem2title", "col2title")
 VALID_TASKS = ("rec", "search", "query")

@@ -1,4 +1,4 @@
-"""Constrained beam search that can only emit valid identifiers (PAPER.md section 4), fast on CPU.
+"""Constrained beam search that can only emit valid identifiers (docs/method.md "Decoding"), fast on CPU.
 
 `constrained_beam_search` decodes a batch of inputs x beams together, for encoder-decoder (T5)
 and decoder-only (Llama, Qwen, SmolLM) Hugging Face models, and returns each input's top-K items

@@ -1,6 +1,6 @@
 """Behaviour-aware history rendering and the prompt templates of every training task.
 
-History (PAPER.md section 3): a user's earlier events in time order, both behaviours interleaved;
+History (docs/method.md "The generative model and its tasks"): a user's earlier events in time order, both behaviours interleaved;
 a recommendation click is written `<rec_item>` + collaborative ID, a search `<src_query>` + query
 text, then `<src_item>` + semantic ID of the clicked item. At most `max_rec` recommendation clicks
 and `max_search` searches (the most recent ones) are kept.

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from gensar_core import tracking
 from gensar_core.config import PipelineConfig
+from gensar_core.devices import pick_device
 from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,45 @@ def build_model(tokenizer, mcfg, seed: int):
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    if t.embed_dropout:
+        # Llama has no residual dropout; dropping embedding features (training only) regularises
+        # without touching attention, so sdpa keeps its flash kernel
+        p = t.embed_dropout
+        model.get_input_embeddings().register_forward_hook(
+            lambda module, args, out: torch.nn.functional.dropout(out, p, module.training))
+    return model
+
+
+@torch.no_grad()
+def init_id_embeddings(model, tokenizer, quantiser, seed: int) -> int:
+    """Start each identifier token's embedding from its code vector in the quantiser: codes near
+    each other in a codebook start near each other. A level's codebook [K, dim] is mapped to the
+    model's width by a seeded random orthonormal projection (distances kept) and scaled to the
+    embedding's init std. Returns the number of rows set."""
+    from gensar_core.identifiers.naming import token_letters
+
+    spec = quantiser.spec
+    letters = token_letters(spec.shared_levels, spec.specific_levels)
+    levels = [(quantiser.shared, i, letter) for i, letter in enumerate(letters.shared)]
+    levels += [(quantiser.semantic, i, letter) for i, letter in enumerate(letters.semantic)]
+    levels += [(quantiser.collaborative, i, letter) for i, letter in enumerate(letters.collaborative)]
+    weight = model.get_input_embeddings().weight
+    vocab = tokenizer.get_vocab()
+    generator = torch.Generator().manual_seed(seed)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    rows = 0
+    for stack, level, letter in levels:
+        codes = stack.codebooks[level].detach().float().cpu()
+        projection, _ = torch.linalg.qr(torch.randn(weight.shape[1], codes.shape[1], generator=generator))
+        vectors = codes @ projection.T  # [K, d_model]
+        vectors = vectors / vectors.std().clamp_min(1e-8) * std
+        for code in range(codes.shape[0]):
+            token = vocab.get(f"<{letter}_{code}>")
+            if token is not None:
+                weight[token] = vectors[code].to(weight.dtype)
+                rows += 1
+    return rows
 
 
 def autocast(device: torch.device, mode: str):
@@ -190,20 +229,26 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     from gensar_core.model.corpus import enabled_tasks
     from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
     from gensar_core.model.timeline import batches, collate_windows
-    from gensar_core.model.train import _device, run_name, run_slug
+    from gensar_core.model.runs import log_model_artifacts, run_name, run_slug
 
     t_start = time.perf_counter()
     tcfg, mcfg = cfg.train, cfg.model
     seed = cfg.seed if tcfg.seed is None else tcfg.seed
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
-    device = _device(tcfg, 0)
+    device = pick_device(tcfg.device)
     tasks = enabled_tasks(cfg.corpus)
     name = run_name(cfg, tasks, backbone_label(mcfg))
     wh = Warehouse(cfg.warehouse)
 
     data = load_data(cfg)
-    model = build_model(data.tokenizer, mcfg, seed).to(device)
+    model = build_model(data.tokenizer, mcfg, seed)
+    if mcfg.timeline.init_ids_from_codes:
+        from gensar_core.identifiers.checkpoint import load_quantiser
+
+        rows = init_id_embeddings(model, data.tokenizer, load_quantiser(wh.path("identifiers", "quantiser")), seed)
+        log.info("%d identifier token embeddings start from the quantiser's code vectors", rows)
+    model = model.to(device)
     model.train()
     source = {"formulation": "timeline", "max_len": mcfg.timeline.max_len, **mcfg.timeline.model_dump()}
     backbone = Backbone(model=model, tokenizer=data.tokenizer, kind="causal", label=backbone_label(mcfg),
@@ -299,9 +344,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                                            "metrics": result, "config_fingerprint": cfg.fingerprint()})
             write_json_atomic(stage / "train_history.json", {"evals": progress.evals})
         if track:
-            from gensar_core.model.train import _log_artifacts
-
-            _log_artifacts(cfg, wh, out_dir)
+            log_model_artifacts(cfg, wh, out_dir)
             tracking.log_metrics({"final/steps": progress.step, "final/best_metric": progress.best})
         write_json_atomic(wh.path("models", f"{run_slug(name)}.metrics.json"), result)
     result["seconds"] = round(time.perf_counter() - t_start, 2)

@@ -52,9 +52,11 @@ from tqdm.auto import tqdm
 
 from gensar_core import tracking
 from gensar_core.config import PipelineConfig
+from gensar_core.devices import pick_device
 from gensar_core.model.backbone import Backbone, backbone_label, load_backbone, save_trained
 from gensar_core.model.corpus import enabled_tasks, read_corpus
 from gensar_core.model.data import Encoded, collate, encode_examples, n_target_tokens
+from gensar_core.model.runs import log_model_artifacts, run_name, run_slug, trained_model_dir  # noqa: F401
 from gensar_core.storage import Warehouse, atomic_dir, resolve, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -100,26 +102,6 @@ Callback = Callable[[str, TrainState], None]
 
 
 # ---------------------------------------------------------------- small pieces
-def run_name(cfg: PipelineConfig, tasks: Sequence[str], label: str) -> str:
-    scheme = "" if cfg.corpus.id_scheme == "dual" else f"|{cfg.corpus.id_scheme}-ids"
-    return cfg.train.run_name or f"{label}|{'+'.join(tasks)}{scheme}"
-
-
-def run_slug(name: str) -> str:
-    """A folder name for a run name: `t5-scratch|rec+search` -> `t5-scratch__rec+search`."""
-    slug = re.sub(r"[^A-Za-z0-9._+=-]+", "__", name).strip("_.")
-    return slug or "run"
-
-
-def trained_model_dir(cfg: PipelineConfig) -> Path:
-    """Where `run_train` writes (and later steps find) the model of this config."""
-    from gensar_core.model.backbone import backbone_label
-    from gensar_core.model.corpus import enabled_tasks
-
-    name = run_name(cfg, enabled_tasks(cfg.corpus), backbone_label(cfg.model))
-    return Path(cfg.warehouse) / "models" / run_slug(name)
-
-
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak LR for optimizer step `step` (0-based)."""
     if warmup and step < warmup:
@@ -144,14 +126,6 @@ def epoch_order(task_index: dict[str, np.ndarray], weights: dict[str, float], se
             parts.append(np.sort(rng.choice(idx, size=rest, replace=False)))
     order = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     return order[rng.permutation(len(order))]
-
-
-def _device(tcfg, local_rank: int) -> torch.device:
-    if tcfg.device:
-        return torch.device(tcfg.device)
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device("cpu")
 
 
 def _precision(tcfg, device: torch.device) -> Optional[torch.dtype]:
@@ -330,7 +304,7 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     dist = _dist_setup(tcfg.device)
-    device = _device(tcfg, dist.local_rank)
+    device = pick_device(tcfg.device, dist.local_rank)
     amp_dtype = _precision(tcfg, device)
     evaluators = list(evaluators) + [_load_evaluator(s) for s in tcfg.evaluators]
     track = dist.main and cfg.tracking.enabled  # rank 0 alone talks to MLflow
@@ -587,7 +561,7 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
                         "config_fingerprint": cfg.fingerprint()})
                     write_json_atomic(stage / "train_history.json", {"evals": state.evals})
                 if track:
-                    _log_artifacts(cfg, wh, out_dir)
+                    log_model_artifacts(cfg, wh, out_dir)
                     tracking.log_metrics({"final/steps": state.step, "final/tokens_per_s": result["train/tokens_per_s"],
                                           **({"final/best_metric": state.best_metric}
                                              if state.best_metric is not None else {})})
@@ -599,22 +573,3 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
     result["seconds"] = round(time.perf_counter() - t_start, 2)
     log.info("train: %s", {k: result[k] for k in ("run_name", "steps", "best_metric", "seconds")})
     return result
-
-
-def _log_artifacts(cfg: PipelineConfig, wh: Warehouse, out_dir: Path) -> None:
-    if cfg.tracking.log_model:
-        tracking.log_artifact(out_dir, "model")
-    else:
-        for f in out_dir.iterdir():
-            if f.is_file() and not f.name.endswith((".safetensors", ".bin")):
-                tracking.log_artifact(f, "model")
-    tok_files = [f for f in out_dir.iterdir() if f.is_file() and ("token" in f.name or f.name.endswith(".model")
-                                                                  or f.name == "chat_template.jinja")]
-    for f in tok_files:
-        tracking.log_artifact(f, "tokenizer")
-    ident = resolve(wh.path("identifiers", "items"))
-    if ident.exists():
-        tracking.log_artifact(ident, "identifiers/items")
-    manifest = wh.path("corpus", "_manifest.json")
-    if manifest.exists():
-        tracking.log_artifact(manifest, "corpus")

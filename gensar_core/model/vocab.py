@@ -2,7 +2,7 @@
 
 Every identifier token of the configured quantiser (`naming.vocabulary`) and the behaviour tokens
 `<rec_item>`, `<src_query>`, `<src_item>` are added to the backbone's tokenizer as single tokens
-(PAPER.md section 3). They are added as ordinary (non-special) tokens, so decoding with
+(docs/method.md "The generative model and its tasks"). They are added as ordinary (non-special) tokens, so decoding with
 `skip_special_tokens=True` keeps them, with `lstrip=True` so a space written before one is
 absorbed into it rather than becoming a token of its own.
 """
