@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from gensar_core import tracking
 from gensar_core.config import PipelineConfig
 from gensar_core.devices import pick_device
+from gensar_core.model.distributed import Dist, all_reduce_grads, dist_setup
 from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -163,15 +164,33 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_step(model, optimizer, batch: dict, lr: float, max_grad_norm: Optional[float], amp) -> float:
+def train_step(model, optimizer, batch: dict, lr: float, max_grad_norm: Optional[float], amp,
+               dist: Dist = Dist()) -> float:
+    """One optimizer step on `batch` (this process's share of the global batch under torchrun);
+    returns the global batch's mean loss per supervised token."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
     # right-padded windows under a causal mask: padding only ever follows the real tokens, so no
     # attention mask is needed (and sdpa takes its flash kernel)
-    with amp():
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if dist.world == 1:
+        with amp():
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+    else:
+        # each process sums its tokens' losses over the global count, and the gradients are
+        # summed: exactly the one-process gradient of the global batch's mean
+        targets = int((batch["labels"][:, 1:] != -100).sum()) if len(batch["labels"]) else 0
+        total = dist.sum([targets], batch["labels"].device)[0]
+        if targets:
+            with amp():
+                loss = model(input_ids=batch["input_ids"], labels=batch["labels"],
+                             num_items_in_batch=torch.tensor(total)).loss
+            loss.backward()
+        else:  # a process with no window this step still joins the collectives
+            loss = torch.zeros(())
+        all_reduce_grads(model)
+        loss = torch.tensor(dist.sum([float(loss.detach())], batch["labels"].device)[0])
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
@@ -219,6 +238,7 @@ class Progress:
     evals: list = field(default_factory=list)
     supervised_tokens: int = 0
     tokens: int = 0
+    losses: list = field(default_factory=list)  # the global batch's mean loss, every step
 
 
 def run_train_timeline(cfg: PipelineConfig) -> dict:
@@ -236,7 +256,8 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     seed = cfg.seed if tcfg.seed is None else tcfg.seed
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
-    device = pick_device(tcfg.device)
+    dist = dist_setup(tcfg.device)  # under torchrun: this process's share of every batch
+    device = pick_device(tcfg.device, dist.local_rank)
     tasks = enabled_tasks(cfg.corpus)
     name = run_name(cfg, tasks, backbone_label(mcfg))
     wh = Warehouse(cfg.warehouse)
@@ -255,7 +276,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                         source=source)
     ranker = GenerativeRanker(backbone, data.identifiers, **ranker_settings(cfg),
                               tasks=[t for t in VALID_TASKS if t in tasks], name=name)
-    cases = valid_cases(cfg, tcfg.max_valid_examples, seed)
+    cases = valid_cases(cfg, tcfg.max_valid_examples, seed) if dist.main else None
 
     rng = np.random.default_rng(seed)
     steps_per_epoch = len(batches(epoch_windows(data, mcfg.timeline.max_len, mcfg.timeline.adhoc_per_item,
@@ -268,6 +289,10 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     ckpt = wh.path("checkpoints", run_slug(name), "best")
 
     def evaluate_and_keep() -> None:
+        """Rank 0 validates and keeps the best weights; every process learns whether to stop."""
+        if not dist.main:
+            progress.bad_evals, progress.best_step = dist.broadcast(None)
+            return
         metrics = validate(ranker, cases)
         value = metrics["valid/ndcg@10"]
         progress.evals.append({"step": progress.step, "epoch": progress.epoch,
@@ -280,10 +305,11 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
             progress.bad_evals += 1
         log.info("step %d (epoch %d): %s, best %.4f at step %d", progress.step, progress.epoch,
                  {k: round(v, 4) for k, v in metrics.items()}, progress.best, progress.best_step)
-        if cfg.tracking.enabled:
+        if track:
             tracking.log_metrics({**metrics, "valid/best": progress.best}, step=progress.step)
+        dist.broadcast((progress.bad_evals, progress.best_step))
 
-    track = cfg.tracking.enabled
+    track = cfg.tracking.enabled and dist.main  # rank 0 alone talks to MLflow
     if track:
         tracking.silence_mlflow_warnings()
     run_ctx = tracking.start_run(cfg, name, {"gensar.step": "train", "gensar.backbone": backbone.label,
@@ -295,18 +321,22 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
             tracking.log_params({"derived.run_name": name, "derived.total_steps": total,
                                  "derived.steps_per_epoch": steps_per_epoch, "derived.users": len(data.timelines),
                                  "derived.parameters": sum(p.numel() for p in model.parameters())})
-        bar = tqdm(total=total, desc=f"train {name}", disable=not tcfg.progress, dynamic_ncols=True)
+        bar = tqdm(total=total, desc=f"train {name}", disable=not (tcfg.progress and dist.main), dynamic_ncols=True)
         t_loop = time.perf_counter()
         stop = False
         while progress.step < total and not stop:
             windows = epoch_windows(data, mcfg.timeline.max_len, mcfg.timeline.adhoc_per_item, rng)
             for index in batches(windows, mcfg.timeline.tokens_per_batch, rng):
-                batch = {k: v.to(device) for k, v in collate_windows(windows, index, data.tokenizer.pad_token_id).items()}
+                # every process draws the same global batch and trains on its share of the windows
+                shard = index[dist.rank::dist.world]
+                batch = {k: v.to(device) for k, v in collate_windows(windows, shard, data.tokenizer.pad_token_id).items()}
                 lr = lr_at(progress.step, total, tcfg.lr, tcfg.warmup_steps, tcfg.min_lr_ratio)
-                loss = train_step(model, optimizer, batch, lr, tcfg.max_grad_norm, amp)
+                loss = train_step(model, optimizer, batch, lr, tcfg.max_grad_norm, amp, dist)
                 progress.step += 1
-                progress.supervised_tokens += int((batch["labels"] != -100).sum())
-                progress.tokens += batch["input_ids"].numel()
+                progress.losses.append(loss)
+                supervised, tokens = dist.sum([int((batch["labels"] != -100).sum()), batch["input_ids"].numel()], device)
+                progress.supervised_tokens += int(supervised)
+                progress.tokens += int(tokens)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", epoch=progress.epoch)
                 if track and progress.step % tcfg.log_every == 0:
@@ -323,6 +353,10 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
             progress.epoch += 1
         bar.close()
         seconds = time.perf_counter() - t_loop
+        if not dist.main:  # rank 0 writes the model; the others are done
+            dist.barrier()
+            return {"run_name": name, "rank": dist.rank, "world_size": dist.world, "steps": progress.step,
+                    "losses": progress.losses}
 
         if progress.best_step >= 0:
             load_model(model, str(ckpt / "model.safetensors"), device=str(device))
@@ -332,6 +366,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
         result = {"run_name": name, "model_dir": str(out_dir), "formulation": "timeline", "tasks": tasks,
                   "steps": progress.step, "total_steps": total, "epochs_done": progress.epoch,
                   "stopped_early": stop, "best_metric": progress.best, "best_step": progress.best_step,
+                  "world_size": dist.world,
                   "metric": "valid/ndcg@10", "loop_seconds": round(seconds, 2),
                   "train/supervised_tokens_per_s": progress.supervised_tokens / max(1e-9, seconds),
                   "train/tokens_per_s": progress.tokens / max(1e-9, seconds),
@@ -342,11 +377,12 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                                            "max_len": mcfg.timeline.max_len,
                                            "identifiers": cfg.identifiers.model_dump(mode="json"),
                                            "metrics": result, "config_fingerprint": cfg.fingerprint()})
-            write_json_atomic(stage / "train_history.json", {"evals": progress.evals})
+            write_json_atomic(stage / "train_history.json", {"evals": progress.evals, "losses": progress.losses})
         if track:
             log_model_artifacts(cfg, wh, out_dir)
             tracking.log_metrics({"final/steps": progress.step, "final/best_metric": progress.best})
         write_json_atomic(wh.path("models", f"{run_slug(name)}.metrics.json"), result)
+        dist.barrier()
     result["seconds"] = round(time.perf_counter() - t_start, 2)
     log.info("train: %s", {k: result[k] for k in ("run_name", "steps", "best_metric", "best_step", "seconds")})
     return result

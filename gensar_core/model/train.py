@@ -37,7 +37,6 @@ import importlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -56,6 +55,7 @@ from gensar_core.devices import pick_device
 from gensar_core.model.backbone import Backbone, backbone_label, load_backbone, save_trained
 from gensar_core.model.corpus import enabled_tasks, read_corpus
 from gensar_core.model.data import Encoded, collate, encode_examples, n_target_tokens
+from gensar_core.model.distributed import Dist, dist_setup
 from gensar_core.model.runs import log_model_artifacts, run_name, run_slug, trained_model_dir  # noqa: F401
 from gensar_core.storage import Warehouse, atomic_dir, resolve, write_json_atomic
 
@@ -151,51 +151,6 @@ def train_fingerprint(cfg: PipelineConfig, corpus_hash: str) -> str:
                        "identifiers": cfg.identifiers.model_dump(mode="json"), "seed": cfg.seed},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def sum(self, values: list[float], device) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def _dist_setup(device_hint: Optional[str]) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and (device_hint is None or device_hint.startswith("cuda"))
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(world=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -303,7 +258,7 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
     seed = cfg.seed if tcfg.seed is None else tcfg.seed
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
-    dist = _dist_setup(tcfg.device)
+    dist = dist_setup(tcfg.device)
     device = pick_device(tcfg.device, dist.local_rank)
     amp_dtype = _precision(tcfg, device)
     evaluators = list(evaluators) + [_load_evaluator(s) for s in tcfg.evaluators]
