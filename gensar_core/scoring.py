@@ -10,7 +10,8 @@ partition rewrites only its own files, each with an atomic rename.
   Their case is their latest history (last 5 rec + 5 searches); items they already interacted
   with are left out of their recommendations.
 - The day's query log: search events on the reference time's day. Each query is answered with
-  the user's history before that search; nothing is left out (users re-find items).
+  the user's history before that search, and the items of that history are left out, the rule
+  the evaluation applies to both tasks.
 """
 from __future__ import annotations
 
@@ -67,15 +68,23 @@ def rec_cases(events: pd.DataFrame, ref: int, item_index: dict, active_days: int
     return cases.reset_index(drop=True)
 
 
-def search_cases(events: pd.DataFrame, ref: int, max_rec: int, max_search: int) -> pd.DataFrame:
-    """Cases for the searches of the reference time's day: user_id, ts, query, history."""
+def search_cases(events: pd.DataFrame, ref: int, item_index: dict, max_rec: int, max_search: int) -> pd.DataFrame:
+    """Cases for the searches of the reference time's day: user_id, ts, query, history, exclude
+    (item_idx of everything the user saw before that search)."""
     day_start = ref - ref % DAY
     ev = order_events(events)
     ev["history"] = histories(ev, max_rec, max_search)
+    idx = ev["item_id"].map(item_index)
+    seen: dict = {}
+    earlier = []
+    for user, item in zip(ev["user_id"], idx):  # in time order: the items before each event
+        before = seen.setdefault(user, [])
+        earlier.append(before.copy())
+        if pd.notna(item):
+            before.append(int(item))
+    ev["exclude"] = [np.unique(np.asarray(e, dtype=np.int64)) for e in earlier]
     day = ev[(ev["behavior"] == "search") & (ev["ts"] >= day_start)]
-    out = day[["user_id", "ts", "query", "history"]].reset_index(drop=True)
-    out["exclude"] = [np.zeros(0, dtype=np.int64)] * len(out)
-    return out
+    return day[["user_id", "ts", "query", "history", "exclude"]].reset_index(drop=True)
 
 
 def _write_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -123,7 +132,7 @@ def run_batch_score(cfg: PipelineConfig, ranker=None, partition: Optional[int] =
         # a user's cases depend on that user's events only: build them from this partition's
         mine = events[event_part == p]
         rec = rec_cases(mine, ref, item_index, scfg.active_days, *limits)
-        src = search_cases(mine, ref, *limits)
+        src = search_cases(mine, ref, item_index, *limits)
         for task, cases in (("rec", rec), ("search", src)):
             t0 = time.perf_counter()
             scored = score_cases(ranker, cases, task, scfg.top_k, item_id_of) if len(cases) else pd.DataFrame()

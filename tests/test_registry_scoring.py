@@ -69,6 +69,11 @@ def test_batch_score_partitions(toy_model, registered):
     assert not any(i in seen[u] for u, i in zip(rec["user_id"], rec["item_id"]))
     search = pd.concat([pd.read_parquet(f) for f in (folder / "search").glob("part-*.parquet")])
     assert len(search) and search["query"].notna().all()
+    # a search leaves out what the user saw before it, as the evaluation does
+    ordered = events.sort_values("ts", kind="stable")
+    for (user, ts), answer in search.groupby(["user_id", "ts"]):
+        before = set(ordered[(ordered["user_id"] == user) & (ordered["ts"] < ts)]["item_id"])
+        assert not before & set(answer["item_id"]), (user, ts)
     assert sum(p["rec_users"] for p in parts) == len(users) and parts[0]["users_per_second"] > 0
     # a retry of one partition rewrites the same rows
     before = pd.read_parquet(folder / "rec" / "part-00000.parquet")
