@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Serve the champion GenSAR model over HTTP on loopback (MLflow scoring server).
 #   infra/serve_model.sh [PORT] [MODEL_URI]     default: 5001, models:/gensar@champion
-# Request: POST /invocations {"dataframe_split": {"columns": ["task","history","query","k"],
-#   "data": [["search", "[{\"behavior\":\"rec\",\"item_id\":\"50\"}]", "comedy", 10]]}}
+# Request (Content-Type: application/json), rows of task, history, query, k:
+#   POST /invocations {"dataframe_split": {"columns": ["task","history","query","k"],
+#     "data": [["search", "[{\"behavior\":\"rec\",\"item_id\":\"50\"}]", "comedy", 10]]}}
+# Answer: {"predictions": [{"task", "items", "scores", "skipped_history"}]}: history items are never
+# returned (both tasks); history items the model does not know are skipped and listed.
+# A bad request gets HTTP 400 with "reason", "row" and "field" (rules: gensar_core/serving_model.py).
+# Load test: python bench/serve.py --url http://127.0.0.1:PORT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOME_DIR="${GENSAR_HOME:-$PWD/.gensar}"
