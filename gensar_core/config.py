@@ -295,6 +295,11 @@ class TimelineModelConfig(_Strict):
     tokens_per_batch: int = Field(16384, ge=64)  # padded tokens per optimizer step
     adhoc_per_item: int = Field(1, ge=0)   # ad-hoc search windows (pseudo-query -> ID) per item and epoch
     embed_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on token embeddings while training
+    # the checkpoint kept: the best 'mean' of the tasks' valid NDCG@10, or their geometric mean
+    # ('geomean': a relative gain on one task weighs as much as on the other)
+    select: Literal["mean", "geomean"] = "mean"
+    # validate (and keep) an exponential moving average of the weights; None: the weights
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)
     # start identifier token embeddings from the quantiser's code vectors (timeline_train.py)
     init_ids_from_codes: bool = False
 

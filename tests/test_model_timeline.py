@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gensar_core.model.prompts import ItemIds
 from gensar_core.model.timeline import (BOS, GIVEN, IGNORE, QUERY, REC_ID, SEARCH_ID, TimelineCodec, batches,
@@ -72,7 +73,11 @@ def test_adhoc_window_supervises_the_semantic_id_only():
 
 
 # ---------------------------------------------------------------- a real tiny training run
-def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whole_histories(tmp_path, monkeypatch):
+@pytest.mark.parametrize("select,ema", [("mean", None), ("geomean", 0.9)])
+def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whole_histories(tmp_path, monkeypatch,
+                                                                                          select, ema):
+    """The kept checkpoint is the best by the configured selection number; with a weight average
+    it is the average that is validated and saved."""
     import json
 
     from gensar_core.config import PipelineConfig
@@ -88,14 +93,16 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     cfg = PipelineConfig.model_validate({
         "warehouse": str(root), "identifiers": {"codebook_size": 8}, "tracking": {"enabled": False},
         "model": {"formulation": "timeline", "timeline": {"max_len": 64, "d_model": 32, "d_ff": 64, "num_heads": 2,
-                                                          "num_layers": 1, "tokens_per_batch": 512}},
+                                                          "num_layers": 1, "tokens_per_batch": 512,
+                                                          "select": select, "ema_decay": ema}},
         "train": {"epochs": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 3, "patience": 0, "progress": False},
         "evaluate": {"beam_size": 8}})
     result = run_train_timeline(cfg)
     folder = Path(result["model_dir"])
     history = json.loads((folder / "train_history.json").read_text())["evals"]
-    best = max(history, key=lambda e: e["valid/ndcg@10"])
-    assert result["best_step"] == best["step"] and result["best_metric"] == best["valid/ndcg@10"]
+    key = {"mean": "valid/ndcg@10", "geomean": "valid/geomean_ndcg@10"}[select]
+    best = max(history, key=lambda e: e[key])
+    assert result["metric"] == key and result["best_step"] == best["step"] and result["best_metric"] == best[key]
     assert result["steps"] == result["total_steps"] and result["train/supervised_tokens_per_s"] > 0
     assert {"valid/rec_ndcg@10", "valid/search_ndcg@10"} <= set(best)
 
@@ -113,7 +120,7 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     from gensar_core.model.timeline_train import valid_cases, validate
 
     again = validate(GenerativeRanker(folder, ids, **ranker_settings(cfg)), valid_cases(cfg, None, cfg.seed))
-    assert abs(again["valid/ndcg@10"] - result["best_metric"]) < 1e-6
+    assert abs(again[key] - result["best_metric"]) < 1e-6
 
 
 def test_evaluation_cases_carry_the_whole_timeline_behind_seq(tmp_path):

@@ -39,6 +39,8 @@ from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 VALID_TASKS = ("rec", "search")
+# the validation number each `model.timeline.select` keeps the best checkpoint by
+SELECT = {"mean": "valid/ndcg@10", "geomean": "valid/geomean_ndcg@10"}
 
 
 # ---------------------------------------------------------------- data
@@ -212,7 +214,8 @@ def valid_cases(cfg: PipelineConfig, limit: Optional[int], seed: int) -> dict[st
 
 
 def validate(ranker, cases: dict[str, pd.DataFrame], k: int = 10) -> dict[str, float]:
-    """valid/{task}_ndcg@10 (full ranking, history banned) and their mean, valid/ndcg@10."""
+    """valid/{task}_ndcg@10 (full ranking, history banned), their mean valid/ndcg@10 and their
+    geometric mean valid/geomean_ndcg@10."""
     from gensar_core.evaluate.metrics import ndcg_at_k
 
     ranker.model.eval()
@@ -224,7 +227,33 @@ def validate(ranker, cases: dict[str, pd.DataFrame], k: int = 10) -> dict[str, f
     ranker.model.train()
     scores = [v for v in metrics.values()]
     metrics[f"valid/ndcg@{k}"] = float(np.mean(scores)) if scores else 0.0
+    metrics[f"valid/geomean_ndcg@{k}"] = float(np.exp(np.mean(np.log(np.maximum(scores, 1e-9))))) if scores else 0.0
     return metrics
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters, swapped in for validation."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for avg, p in zip(self.shadow, model.parameters()):
+            avg.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """The average in the model's parameters inside the block, the trained weights after."""
+        params = list(model.parameters())
+        for avg, p in zip(self.shadow, params):
+            avg.data, p.data = p.data, avg.data
+        try:
+            yield
+        finally:
+            for avg, p in zip(self.shadow, params):
+                avg.data, p.data = p.data, avg.data
 
 
 # ---------------------------------------------------------------- the run
@@ -286,6 +315,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     amp = lambda: autocast(device, tcfg.mixed_precision)  # noqa: E731
     progress = Progress()
     eval_every = tcfg.eval_every or steps_per_epoch
+    average = WeightAverage(model, mcfg.timeline.ema_decay) if mcfg.timeline.ema_decay else None
     ckpt = wh.path("checkpoints", run_slug(name), "best")
 
     def evaluate_and_keep() -> None:
@@ -293,14 +323,17 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
         if not dist.main:
             progress.bad_evals, progress.best_step = dist.broadcast(None)
             return
-        metrics = validate(ranker, cases)
-        value = metrics["valid/ndcg@10"]
+        with average.applied(model) if average else contextlib.nullcontext():
+            metrics = validate(ranker, cases)
+            value = metrics[SELECT[mcfg.timeline.select]]
+            improved = value > progress.best
+            if improved:
+                with atomic_dir(ckpt) as stage:
+                    save_model(model, str(stage / "model.safetensors"))
         progress.evals.append({"step": progress.step, "epoch": progress.epoch,
                                "seconds": round(time.perf_counter() - t_loop, 2), **metrics})
-        if value > progress.best:
+        if improved:
             progress.best, progress.best_step, progress.bad_evals = value, progress.step, 0
-            with atomic_dir(ckpt) as stage:
-                save_model(model, str(stage / "model.safetensors"))
         else:
             progress.bad_evals += 1
         log.info("step %d (epoch %d): %s, best %.4f at step %d", progress.step, progress.epoch,
@@ -332,6 +365,8 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                 batch = {k: v.to(device) for k, v in collate_windows(windows, shard, data.tokenizer.pad_token_id).items()}
                 lr = lr_at(progress.step, total, tcfg.lr, tcfg.warmup_steps, tcfg.min_lr_ratio)
                 loss = train_step(model, optimizer, batch, lr, tcfg.max_grad_norm, amp, dist)
+                if average:
+                    average.update(model)
                 progress.step += 1
                 progress.losses.append(loss)
                 supervised, tokens = dist.sum([int((batch["labels"] != -100).sum()), batch["input_ids"].numel()], device)
@@ -367,7 +402,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                   "steps": progress.step, "total_steps": total, "epochs_done": progress.epoch,
                   "stopped_early": stop, "best_metric": progress.best, "best_step": progress.best_step,
                   "world_size": dist.world,
-                  "metric": "valid/ndcg@10", "loop_seconds": round(seconds, 2),
+                  "metric": SELECT[mcfg.timeline.select], "loop_seconds": round(seconds, 2),
                   "train/supervised_tokens_per_s": progress.supervised_tokens / max(1e-9, seconds),
                   "train/tokens_per_s": progress.tokens / max(1e-9, seconds),
                   "mlflow_run_id": run.info.run_id if track else None,
