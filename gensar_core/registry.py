@@ -139,18 +139,37 @@ def _artifact_paths(local: Path) -> dict[str, Path]:
 
 
 def champion_download(cfg: PipelineConfig) -> Path | None:
-    """A local copy of the champion's registered model, or None without a champion."""
+    """A local copy of the champion's registered model, or None without a champion.
+
+    One folder per version, filled once and renamed into place: the mapped batch_score tasks
+    download at the same moment, and a version's files never change, so no process may delete
+    a copy that another one is reading (a shared folder emptied first made them fail)."""
+    import os
     import shutil
 
     import mlflow
 
     tracking.configure(cfg)
-    if _champion(tracking.client(cfg), cfg.registry.model_name) is None:
+    current = _champion(tracking.client(cfg), cfg.registry.model_name)
+    if current is None:
         return None
-    dst = Path(cfg.warehouse) / "champion" / "download"
-    if dst.exists():
-        shutil.rmtree(dst)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=champion_uri(cfg), dst_path=str(dst)))
+    root = Path(cfg.warehouse) / "champion"
+    dst = root / f"v{current.version}"
+    if (dst / "MLmodel").exists():
+        return dst
+    root.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{cfg.registry.model_name}/{current.version}", dst_path=str(stage))
+        try:
+            os.rename(local, dst)
+        except OSError:  # another process put the same version there first
+            if not (dst / "MLmodel").exists():
+                raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return dst
 
 
 def champion_model_dir(cfg: PipelineConfig) -> Path | None:
