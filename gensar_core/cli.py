@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=(STEPS[name].__doc__ or "").strip().splitlines()[0] if STEPS[name].__doc__ else None)
     run = sub.add_parser("run", help="run all steps in order (or --steps a,b)")
     run.add_argument("--steps", help="comma-separated subset of steps")
-    sub.add_parser("config", help="print every config value and where it came from (default, file, --set, variant)")
+    show = sub.add_parser("config", help="print every config value and where it came from (default, file, --set, variant)")
+    show.add_argument("--json", action="store_true", help="the resolved configuration as JSON instead")
     return p
 
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--variant {args.variant}: not in evaluate.variants "
                                   f"({sorted(cfg.evaluate.variants) or 'none'})")
             cfg = with_overrides(cfg, cfg.evaluate.variants[args.variant])
+        if args.command == "config" and args.json:
+            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+            return 0
         if args.command == "config":
             from gensar_core.config import config_sources
 

@@ -300,8 +300,9 @@ class TimelineModelConfig(_Strict):
     select: Literal["mean", "geomean"] = "mean"
     # validate (and keep) an exponential moving average of the weights; None: the weights
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)
-    # start identifier token embeddings from the quantiser's code vectors (timeline_train.py)
-    init_ids_from_codes: bool = False
+    # start identifier token embeddings from the quantiser's code vectors (timeline_train.py;
+    # README validation log: better than a random start)
+    init_ids_from_codes: bool = True
 
 
 class LoRASettings(_Strict):

@@ -12,7 +12,7 @@ config=(-c configs/ablations.yaml "$@")
 
 "$gensar" "${config[@]}" run --steps ingest,split,embed_semantic,embed_collaborative,learn_identifiers,build_corpus,train
 # every model has its own folder; the corpus (all tasks) serves the prompted variant
-for variant in $("$gensar" "${config[@]}" config | .venv/bin/python -c \
+for variant in $("$gensar" "${config[@]}" config --json | .venv/bin/python -c \
     'import json, sys; print(" ".join(json.load(sys.stdin)["evaluate"]["variants"]))'); do
   "$gensar" "${config[@]}" --variant "$variant" train
 done

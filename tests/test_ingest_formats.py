@@ -1,9 +1,12 @@
 """Amazon, KuaiSAR and the generic CSV/Parquet layout through real Spark, with good and bad rows."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 from helpers import config, json_lines, read, rejected_by_row, write_lines
+from pyspark.sql import functions as F
 
 from gensar_core.data.ingest import ingest
 from gensar_core.data.readers import IngestError
@@ -18,7 +21,7 @@ def _amazon(tmp_path, with_queries: bool):
         "{'asin': 'A2', 'title': 'Mouse', 'categories': [['Electronics', 'Mice']], 'brand': 'Logi'}",
         {"asin": "A3", "title": "Keyboard", "category": ["Electronics", "Keyboards"],
          "description": ["Mechanical", "keys"]},
-        "{not json at all",                                   # line 4
+        "{not json at all",                                   # line 4: neither JSON nor a literal
         {"title": "no asin here"},                            # line 5
     ])
     reviews = json_lines(tmp_path / "reviews.json", [
@@ -30,7 +33,7 @@ def _amazon(tmp_path, with_queries: bool):
         {"reviewerID": "U3", "overall": 3.0, "unixReviewTime": 1400000500},                # 6 no asin
         {"reviewerID": "U3", "asin": "A1", "overall": "great", "unixReviewTime": 1400000600},  # 7 rating
         {"reviewerID": "U3", "asin": "A1", "overall": 4.0, "unixReviewTime": "soon"},      # 8 bad ts
-        "[1, 2",                                                                           # 9 undecodable
+        "[1, 2",                                                                           # 9 malformed
         {"reviewerID": "U1", "asin": "A1", "overall": 5.0, "unixReviewTime": 1400000000},  # 10 duplicate
     ])
     source = {"kind": "amazon", "reviews": str(reviews), "meta": str(meta)}
@@ -51,10 +54,10 @@ def test_amazon_reviews_meta_and_queries(spark, tmp_path):
     for table in ("items", "events", "queries"):
         c = manifest["tables"][table]
         assert c["raw"] == c["curated"] + c["rejected"], table
-    assert rejected_by_row(cfg.warehouse, "items") == {4: "undecodable_text", 5: "missing_field"}
+    assert rejected_by_row(cfg.warehouse, "items") == {4: "malformed_json", 5: "missing_field"}
     assert rejected_by_row(cfg.warehouse, "events") == {
         5: "unknown_item", 6: "missing_field", 7: "wrong_type", 8: "bad_timestamp",
-        9: "undecodable_text", 10: "duplicate_event"}
+        9: "malformed_json", 10: "duplicate_event"}
     assert rejected_by_row(cfg.warehouse, "queries") == {
         3: "duplicate_query", 4: "unmatched_query", 5: "missing_field"}
 
@@ -67,6 +70,82 @@ def test_amazon_reviews_meta_and_queries(spark, tmp_path):
     assert events.loc[("U1", "A2"), "query"] == "electronics mice"
     assert events.loc[("U2", "A3"), "query"] == "electronics keyboards"
     assert events.loc[("U1", "A1"), "behavior"] == "rec"
+
+
+def _details(wh, table: str) -> dict[int, tuple[str, str]]:
+    rej = read(wh / "curated" / "rejected")
+    rej = rej[rej["table"] == table]
+    return {int(r): (reason, detail) for r, reason, detail in zip(rej["row"], rej["reason"], rej["detail"])}
+
+
+def test_line_level_rejections_name_the_problem(spark, tmp_path):
+    """Empty, blank, malformed and non-UTF-8 lines each get their own reason and a detail that
+    says what is wrong and where; the good lines around them are curated and the counts add up."""
+    good = [json.dumps({"reviewerID": f"U{k}", "asin": "A1", "overall": 4.0, "unixReviewTime": 1400000000 + k})
+            for k in range(3)]
+    reviews = write_lines(tmp_path / "reviews.json", [
+        good[0],
+        "",                                                                                # 2
+        '{"reviewerID": "U1" "asin": "A2", "overall": 4.0, "unixReviewTime": 1400000100}',  # 3
+        b'{"reviewerID": "U\xff2", "asin": "A1", "overall": 4.0, "unixReviewTime": 1}',    # 4
+        good[1],
+        "   ",                                                                             # 6
+        '{"reviewerID": "U2", "asin": "A1", "overall": 4.0',                               # 7 cut short
+        '{"reviewerID": "U3", "asin": "A1", "asin": "A2", "unixReviewTime": 1400000300}',  # 8
+        # U+FFFD is valid text; the bad byte is the lone 0x80 after it, 24 bytes in
+        '{"reviewerID": "U\ufffd", "\x80"}'.encode("utf-8").replace(b"\xc2\x80", b"\x80"),  # 9
+        good[2],
+    ])
+    meta = json_lines(tmp_path / "meta.json", [
+        {"asin": "A1", "title": "USB Cable"},
+        "{'asin': 'A9', 'title': 'Broken'",                    # 2: a Python literal cut short
+        "",                                                    # 3
+    ])
+    cfg = config(tmp_path, {"kind": "amazon", "reviews": str(reviews), "meta": str(meta)},
+                 data={"search": {"enabled": False}})
+    manifest = ingest(spark, cfg)
+
+    assert _details(cfg.warehouse, "events") == {
+        2: ("empty_line", "the line is empty"),
+        3: ("malformed_json", "Expecting ',' delimiter: line 1 column 21 (char 20)"),
+        4: ("undecodable_text", "invalid UTF-8 byte 0xFF at byte offset 17 of the line"),
+        6: ("empty_line", "the line holds only whitespace"),
+        7: ("malformed_json", "Expecting ',' delimiter: line 1 column 50 (char 49)"),
+        8: ("malformed_json", "duplicate key 'asin' in an object"),
+        9: ("undecodable_text", "invalid UTF-8 byte 0x80 at byte offset 24 of the line"),
+    }
+    assert _details(cfg.warehouse, "items") == {
+        2: ("malformed_json", ("neither JSON (Expecting property name enclosed in double quotes: line 1 "
+                               "column 2 (char 1)) nor a Python literal ('{' was never closed at column 1)")),
+        3: ("empty_line", "the line is empty"),
+    }
+    events = manifest["tables"]["events"]
+    assert events == {"raw": 10, "curated": 3, "rejected": 7, "rejected_by_reason": {
+        "empty_line": 2, "malformed_json": 3, "undecodable_text": 2}}
+    assert manifest["tables"]["items"] == {"raw": 3, "curated": 1, "rejected": 2, "rejected_by_reason": {
+        "empty_line": 1, "malformed_json": 1}}
+    curated = read(cfg.warehouse / "curated" / "events").sort_values("ts")
+    assert curated["user_id"].tolist() == ["U0", "U1", "U2"]
+    assert curated["ts"].tolist() == [1400000000, 1400000001, 1400000002]
+    rejected = read(cfg.warehouse / "curated" / "rejected")
+    assert rejected.loc[(rejected["table"] == "events") & (rejected["row"] == 3), "raw"].iloc[0].startswith(
+        '{"reviewerID": "U1" "asin"')
+
+
+def test_python_parser_runs_on_rejected_rows_only(spark, tmp_path):
+    """The JSON parser's message comes from a Python UDF: it must sit above the quarantine filter
+    in the physical plan, so that good lines never go through Python."""
+    from gensar_core.data import readers, validate
+
+    reviews = json_lines(tmp_path / "reviews.json", [{"reviewerID": "U1", "asin": "A1"}, "[1,"])
+    raw = readers._read_json_lines(spark, reviews, "reviews", readers._REVIEW_SCHEMA).select(
+        "source", "row", "error", "error_detail", F.col("line").alias("raw"))
+    explained = readers.explain_malformed_json(validate.rejected_rows(validate.with_reason(raw, []), "events"))
+    plan = explained._jdf.queryExecution().executedPlan().toString()
+    # the tree prints top-down: the quarantine filter must come between the UDF and the file scan
+    assert "Filter" in plan[plan.index("BatchEvalPython"):plan.index("FileScan text")], plan
+    assert [(r["row"], r["reason"], r["detail"]) for r in explained.collect()] == [
+        (2, "malformed_json", "Expecting value: line 1 column 4 (char 3)")]
 
 
 def test_amazon_without_query_file_synthesises_category_queries(spark, tmp_path):

@@ -19,6 +19,7 @@ def test_good_and_bad_rows_reconcile(spark, tmp_path):
             b"1\t\xff\xfe\t3\t880000700",             # 22: not UTF-8
             "1\t3\t3\t880000700\textra",              # 23: one field too many
             "\t3\t3\t880000800",                      # 24: empty user
+            "",                                       # 25: an empty line
         ],
         extra_items=["1\tToy Story again\t1995\tAnimation",   # line 8: duplicate item id
                      "7\t\t1999\t"],                          # line 9: no title, no text
@@ -28,7 +29,7 @@ def test_good_and_bad_rows_reconcile(spark, tmp_path):
     wh = cfg.warehouse
 
     events = manifest["tables"]["events"]
-    assert events["raw"] == 15 + 8
+    assert events["raw"] == 15 + 9
     assert events["raw"] == events["curated"] + events["rejected"]
     rows = rejected_by_row(wh, "events")
     assert rows[17] == "missing_field"
@@ -38,6 +39,7 @@ def test_good_and_bad_rows_reconcile(spark, tmp_path):
     assert rows[22] == "undecodable_text"
     assert rows[23] == "malformed_row"
     assert rows[24] == "missing_field"
+    assert rows[25] == "empty_line"
     # line 21 repeats user 1's first event (item 3, ts 880001000): the later copy is rejected
     assert rows[21] == "duplicate_event"
     assert 2 not in rows
@@ -55,7 +57,13 @@ def test_good_and_bad_rows_reconcile(spark, tmp_path):
     rejected = read(wh / "curated" / "rejected")
     assert rejected["source"].str.endswith("ml-100k.inter").any()
     assert "yesterday" in rejected.loc[rejected["row"] == 19, "raw"].iloc[0]
-    assert "raw 23 = curated 15 + rejected 8" in format_counts(manifest)
+    assert "raw 24 = curated 15 + rejected 9" in format_counts(manifest)
+    ev_rej = rejected[rejected["table"] == "events"]
+    detail = dict(zip(ev_rej["row"], ev_rej["detail"]))
+    assert detail[17] == "3 fields, the header has 4"
+    assert detail[22] == "invalid UTF-8 byte 0xFF at byte offset 2 of the line"
+    assert detail[23] == "more fields than the header's 4"
+    assert detail[24] == "user_id" and detail[25] == "the line is empty"
 
 
 def test_line_numbers_survive_many_partitions(spark, tmp_path):

@@ -92,7 +92,7 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     write_toy_warehouse(root, n_users=24, n_items=30, events_per_user=12, seed=1)
     cfg = PipelineConfig.model_validate({
         "warehouse": str(root), "identifiers": {"codebook_size": 8}, "tracking": {"enabled": False},
-        "model": {"formulation": "timeline", "timeline": {"max_len": 64, "d_model": 32, "d_ff": 64, "num_heads": 2,
+        "model": {"formulation": "timeline", "timeline": {"init_ids_from_codes": False, "max_len": 64, "d_model": 32, "d_ff": 64, "num_heads": 2,
                                                           "num_layers": 1, "tokens_per_batch": 512,
                                                           "select": select, "ema_decay": ema}},
         "train": {"epochs": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 3, "patience": 0, "progress": False},
@@ -168,3 +168,15 @@ def test_identifier_embeddings_start_from_the_code_vectors():
         codes = codebook.detach()
         gram, code_gram = rows @ rows.T, codes @ codes.T
         torch.testing.assert_close(gram / gram.abs().max(), code_gram / code_gram.abs().max(), atol=1e-4, rtol=1e-4)
+
+
+def test_code_vector_init_without_a_quantiser_names_the_step(tmp_path):
+    from gensar_core.config import PipelineConfig
+    from gensar_core.model.timeline_train import run_train_timeline
+    from toy_warehouse import write_toy_warehouse
+
+    write_toy_warehouse(tmp_path / "wh", n_users=12, n_items=20, events_per_user=9, seed=2)
+    cfg = PipelineConfig.model_validate({"warehouse": str(tmp_path / "wh"), "identifiers": {"codebook_size": 8},
+                                         "tracking": {"enabled": False}})
+    with pytest.raises(FileNotFoundError, match="learn_identifiers"):
+        run_train_timeline(cfg)

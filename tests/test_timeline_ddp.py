@@ -54,7 +54,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
         cfg = PipelineConfig.model_validate({
             "warehouse": str(root), "identifiers": {"codebook_size": 8},
             "tracking": {"uri": f"sqlite:///{tmp_path / f'mlflow-{procs}.db'}", "log_model": False},
-            "model": {"timeline": {"max_len": 64, "d_model": 32, "d_ff": 64, "num_heads": 2, "num_layers": 1,
+            "model": {"timeline": {"init_ids_from_codes": False, "max_len": 64, "d_model": 32, "d_ff": 64, "num_heads": 2, "num_layers": 1,
                                    "tokens_per_batch": 1024}},
             "train": {"epochs": 2, "lr": 3e-3, "warmup_steps": 2, "eval_every": 4, "patience": 0,
                       "progress": False, "mixed_precision": "no"},

@@ -92,6 +92,8 @@ def ingest(spark, cfg: PipelineConfig) -> dict:
         rejected = rejected.unionByName(validate.rejected_rows(queries_v, "queries"))
         counts["queries"] = _reason_counts(queries_v)
         cached.append(queries_v)
+    if any("malformed_json" in by_reason for by_reason in counts.values()):
+        rejected = readers.explain_malformed_json(rejected)  # the parser's message, on rejected rows only
     if _wants_synthetic_search(cfg):
         s = cfg.data.search
         events = synth.synthesize_searches(events, items, s.share, s.seed, s.title_terms)

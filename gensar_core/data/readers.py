@@ -1,12 +1,13 @@
 """Readers: every raw format becomes the same two shapes of raw rows.
 
-Raw events: source, row, user_id, item_id, ts_raw, behavior, query, session_id, rating, error, raw
-Raw items:  source, row, item_id, title, text, categories, error, raw
+Raw events: source, row, user_id, item_id, ts_raw, behavior, query, session_id, rating, error, error_detail, raw
+Raw items:  source, row, item_id, title, text, categories, error, error_detail, raw
 
 `source` is the file and `row` its 1-based line number (header included), so a rejected row can
-be found with `sed -n ROWp SOURCE`. `error` holds a parse-level rejection reason (the line could
-not be decoded or split); field-level checks happen later in `validate.py`. Everything stays a
-string here: types are checked in one place, with reasons.
+be found with `sed -n ROWp SOURCE`. `error` holds a parse-level rejection reason (the line is not
+UTF-8, is empty, is not JSON, or cannot be split) and `error_detail` what exactly is wrong with it;
+field-level checks happen later in `validate.py`. Everything stays a string here: types are
+checked in one place, with reasons.
 """
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import StringType
+from pyspark.sql.types import StringType, StructField, StructType
 
 from gensar_core.config import AmazonSource, GenericSource, KuaiSARSource, MovieLensSource
 
 EVENT_COLUMNS = ["source", "row", "user_id", "item_id", "ts_raw", "behavior", "query",
-                 "session_id", "rating", "error", "raw"]
-ITEM_COLUMNS = ["source", "row", "item_id", "title", "text", "categories", "error", "raw"]
-QUERY_COLUMNS = ["source", "row", "user_id", "item_id", "query", "ts_raw", "error", "raw"]
+                 "session_id", "rating", "error", "error_detail", "raw"]
+ITEM_COLUMNS = ["source", "row", "item_id", "title", "text", "categories", "error", "error_detail", "raw"]
+QUERY_COLUMNS = ["source", "row", "user_id", "item_id", "query", "ts_raw", "error", "error_detail", "raw"]
 
 
 class IngestError(RuntimeError):
@@ -97,16 +98,35 @@ def with_row_numbers(df: DataFrame) -> DataFrame:
     )
 
 
+def _first_bad_byte(raw: F.Column) -> F.Column:
+    """'invalid UTF-8 byte 0xFF at byte offset 8 of the line' (offset from 0) for a non-UTF-8 line.
+
+    make_valid_utf8 puts U+FFFD where the bad bytes were, so the bytes before the first U+FFFD
+    are the valid prefix. A U+FFFD the line really holds is first swapped for another 3-byte
+    character (replace works on bytes, even in invalid text), which keeps every offset.
+    """
+    masked = F.make_valid_utf8(F.replace(raw, F.lit("\ufffd"), F.lit("\u2603")))
+    offset = F.octet_length(F.substring(masked, F.lit(1), F.instr(masked, "\ufffd") - 1))
+    byte = F.hex(F.substring(raw.cast("binary"), offset + 1, F.lit(1)))
+    return F.format_string("invalid UTF-8 byte 0x%s at byte offset %d of the line", byte, offset)
+
+
 def read_lines(spark: SparkSession, files: list[Path], header: bool) -> DataFrame:
-    """source, row, line, error ('undecodable_text' where the bytes are not UTF-8)."""
+    """source, row, line, error, error_detail: 'undecodable_text' where the bytes are not UTF-8
+    (the detail names the first bad byte), 'empty_line' where the line is empty or blank."""
     df = with_row_numbers(spark.read.text([str(f) for f in files]).withColumnRenamed("value", "_line"))
     if header:
         df = df.where(F.col("row") > 1)
+    line = F.make_valid_utf8("_line")
+    not_utf8, blank = ~F.is_valid_utf8("_line"), line.rlike(r"^\s*$")
     return df.select(
         "source",
         "row",
-        F.make_valid_utf8("_line").alias("line"),
-        F.when(~F.is_valid_utf8("_line"), F.lit("undecodable_text")).alias("error"),
+        line.alias("line"),
+        F.when(not_utf8, F.lit("undecodable_text")).when(blank, F.lit("empty_line")).alias("error"),
+        F.when(not_utf8, _first_bad_byte(F.col("_line")))
+        .when(line == "", F.lit("the line is empty"))
+        .when(blank, F.lit("the line holds only whitespace")).alias("error_detail"),
     )
 
 
@@ -119,16 +139,21 @@ def _parse_delimited(lines: DataFrame, columns: list[str], sep: str) -> DataFram
     parsed = lines.withColumn("_p", F.from_csv("line", schema, {"sep": sep, "mode": "PERMISSIVE"}))
     # from_csv pads short rows with nulls, so count separators to tell a short row from nulls
     n_fields = F.size(F.split("line", sep if sep != "|" else r"\|"))
+    read_error, extra, short = F.col("error").isNotNull(), F.col("_p._extra").isNotNull(), n_fields < len(columns)
     error = (
-        F.when(F.col("error").isNotNull(), F.col("error"))
-        .when(F.col("line") == "", F.lit("missing_field"))
-        .when(F.col("_p._extra").isNotNull(), F.lit("malformed_row"))
-        .when(n_fields < len(columns), F.lit("missing_field"))
+        F.when(read_error, F.col("error"))
+        .when(extra, F.lit("malformed_row"))
+        .when(short, F.lit("missing_field"))
+    )
+    detail = (
+        F.when(read_error, F.col("error_detail"))
+        .when(extra, F.lit(f"more fields than the header's {len(columns)}"))
+        .when(short, F.format_string(f"%d fields, the header has {len(columns)}", n_fields))
     )
     return parsed.select(
         "source", "row", "line",
         *[F.col(f"_p.c{i}").alias(name) for i, name in enumerate(columns)],
-        error.alias("error"),
+        error.alias("error"), detail.alias("error_detail"),
     )
 
 
@@ -195,7 +220,7 @@ def read_movielens(spark: SparkSession, src: MovieLensSource) -> tuple[DataFrame
         F.when(title.isNotNull(), _text_of(
             F.when(year.isNotNull(), F.format_string("%s (%s)", title, year)).otherwise(title),
             F.concat(F.lit("Genres: "), F.array_join(genres, ", ")))).alias("text"),
-        genres.alias("categories"), "error", F.col("line").alias("raw"),
+        genres.alias("categories"), "error", "error_detail", F.col("line").alias("raw"),
     )
     events = read_delimited(spark, inter_path, "MovieLens interactions", "\t")
     events = events.toDF(*_atomic_names(events.columns))
@@ -205,7 +230,7 @@ def read_movielens(spark: SparkSession, src: MovieLensSource) -> tuple[DataFrame
         _clean("timestamp").alias("ts_raw"), F.lit("rec").alias("behavior"),
         _null().alias("query"), _null().alias("session_id"),
         (_clean("rating") if "rating" in events.columns else _null()).alias("rating"),
-        "error", F.col("line").alias("raw"),
+        "error", "error_detail", F.col("line").alias("raw"),
     )
     return events, items, None
 
@@ -217,33 +242,92 @@ _META_SCHEMA = ("asin string, title string, description string, brand string, "
 _QUERY_SCHEMA = "reviewerID string, asin string, query string, unixReviewTime string"
 
 
+def json_problem(line: str) -> str:
+    """Why a line is not one JSON value, in the words of Python's parser, with the position:
+    "Expecting ',' delimiter: line 1 column 17 (char 16)" (line 1 is the line itself)."""
+    import json
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next((k for k in keys if keys.count(k) > 1), None)
+        if dup is not None:
+            raise ValueError(f"duplicate key {dup!r} in an object")
+        return dict(pairs)
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        json.loads(line, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        return str(e)
+    # Spark's parser is stricter than Python's here (a lone surrogate escape, a huge value)
+    return "rejected by Spark's JSON parser (an invalid \\u escape or a value beyond its limits)"
+
+
 @F.udf(StringType())
-def _python_literal_to_json(line):
-    """Amazon's 2014 metadata is Python dict literals ('loose JSON'); read them without eval."""
+def _json_problem(line):
+    return None if line is None else json_problem(line)
+
+
+def explain_malformed_json(rejected: DataFrame) -> DataFrame:
+    """Fill in the parser's message as the detail of 'malformed_json' rows that have none.
+
+    Spark finds malformed lines but does not say why; Python's parser does. This runs on the
+    rejected rows only (after the quarantine filter), so no good line goes through Python.
+    """
+    needs = (F.col("reason") == "malformed_json") & F.col("detail").isNull()
+    return rejected.withColumn("detail", F.when(needs, _json_problem("raw")).otherwise(F.col("detail")))
+
+
+@F.udf(StructType([StructField("json", StringType()), StructField("problem", StringType())]))
+def _python_literal_to_json(line, is_json):
+    """Amazon's 2014 metadata is Python dict literals ('loose JSON'); read them without eval.
+    (json, None) for a dict literal, (None, why) for a line that is neither JSON nor a dict."""
     import ast
     import json
 
-    if line is None:
-        return None
+    if line is None or is_json:  # Spark evaluates the UDF on every line: skip the JSON ones fast
+        return None, None
     try:
         value = ast.literal_eval(line)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return None
-    return json.dumps(value) if isinstance(value, dict) else None
+    except SyntaxError as e:
+        why = f"{e.msg} at column {e.offset}"
+    except (ValueError, TypeError, MemoryError, RecursionError) as e:
+        why = str(e).split(":")[0]  # 'malformed node or string on line 1' (the rest is an address)
+    else:
+        if not isinstance(value, dict):
+            why = f"a Python {type(value).__name__}, not a dict"
+        else:
+            try:
+                return json.dumps(value, allow_nan=False), None
+            except (TypeError, ValueError) as e:  # a set, bytes, NaN...: no JSON form
+                why = f"a Python dict with no JSON form ({e})"
+    return None, f"neither JSON ({json_problem(line)}) nor a Python literal ({why})"
 
 
 def _read_json_lines(spark: SparkSession, path: str | Path, what: str, schema: str,
                      loose: bool = False) -> DataFrame:
+    """source, row, line, error, error_detail, j (the line parsed into `schema`).
+
+    A line that is not one JSON value is 'malformed_json'. Its detail (the parser's message) is
+    filled in later by `explain_malformed_json`, on the rejected rows only; a loose line's detail
+    comes from the Python-literal reader, which already runs on every line.
+    """
     lines = read_lines(spark, list_files(path, what), header=False)
-    text = F.col("line")
+    is_json = F.try_parse_json("line").isNotNull()
+    text, problem = F.when(is_json, F.col("line")), F.lit(None).cast("string")
     if loose:
-        text = F.when(F.try_parse_json("line").isNull(), _python_literal_to_json("line")).otherwise(text)
-    lines = lines.withColumn("_json", text)
-    error = (
-        F.when(F.col("error").isNotNull(), F.col("error"))
-        .when(F.col("_json").isNull() | F.try_parse_json("_json").isNull(), F.lit("undecodable_text"))
-    )
-    return lines.select("source", "row", "line", error.alias("error"),
+        literal = _python_literal_to_json("line", is_json)
+        text, problem = F.coalesce(text, literal["json"]), literal["problem"]
+    lines = lines.withColumn("_json", text).withColumn("_problem", problem)
+    bad = F.col("_json").isNull()
+    if loose:  # what the literal became must be JSON to Spark too (json.dumps writes lone surrogates)
+        bad = bad | (~is_json & F.try_parse_json("_json").isNull())
+    read_error = F.col("error").isNotNull()
+    error = F.when(read_error, F.col("error")).when(bad, F.lit("malformed_json"))
+    detail = F.when(read_error, F.col("error_detail")).when(bad, F.col("_problem"))
+    return lines.select("source", "row", "line", error.alias("error"), detail.alias("error_detail"),
                         F.from_json("_json", schema).alias("j"))
 
 
@@ -258,14 +342,14 @@ def read_amazon(spark: SparkSession, src: AmazonSource) -> tuple[DataFrame, Data
     items = meta.select(
         "source", "row", _clean("j.asin").alias("item_id"), _clean("j.title").alias("title"),
         _text_of(_clean("j.title"), _clean("j.brand"), desc).alias("text"),
-        categories.alias("categories"), "error", F.col("line").alias("raw"),
+        categories.alias("categories"), "error", "error_detail", F.col("line").alias("raw"),
     )
     reviews = _read_json_lines(spark, src.reviews, "Amazon reviews", _REVIEW_SCHEMA)
     events = reviews.select(
         "source", "row", _clean("j.reviewerID").alias("user_id"), _clean("j.asin").alias("item_id"),
         _clean("j.unixReviewTime").alias("ts_raw"), F.lit("rec").alias("behavior"),
         _null().alias("query"), _null().alias("session_id"), _clean("j.overall").alias("rating"),
-        "error", F.col("line").alias("raw"),
+        "error", "error_detail", F.col("line").alias("raw"),
     )
     queries = None
     if src.queries is not None:
@@ -273,7 +357,7 @@ def read_amazon(spark: SparkSession, src: AmazonSource) -> tuple[DataFrame, Data
         queries = q.select(
             "source", "row", _clean("j.reviewerID").alias("user_id"), _clean("j.asin").alias("item_id"),
             _clean("j.query").alias("query"), _clean("j.unixReviewTime").alias("ts_raw"),
-            "error", F.col("line").alias("raw"),
+            "error", "error_detail", F.col("line").alias("raw"),
         )
     return events, items, queries
 
@@ -290,6 +374,13 @@ def _first_present(df: DataFrame, names: list[str]) -> F.Column:
     return F.coalesce(*present) if present else _null()
 
 
+def _not_clicked(df: DataFrame, column: str) -> tuple[F.Column, F.Column]:
+    """error, error_detail: an impression (click count 0) is kept out as 'not_clicked'."""
+    unclicked = F.col("error").isNull() & (_first_present(df, [column]) == "0")
+    return (F.when(unclicked, F.lit("not_clicked")).otherwise(F.col("error")).alias("error"),
+            F.when(unclicked, F.lit(f"{column} = 0")).otherwise(F.col("error_detail")).alias("error_detail"))
+
+
 def read_kuaisar(spark: SparkSession, src: KuaiSARSource) -> tuple[DataFrame, DataFrame, None]:
     items = read_delimited(spark, src.items, "KuaiSAR item features", ",")
     _require(items, ["item_id"], src.items, "KuaiSAR item features")
@@ -300,7 +391,7 @@ def read_kuaisar(spark: SparkSession, src: KuaiSARSource) -> tuple[DataFrame, Da
     items = items.select(
         "source", "row", _clean("item_id").alias("item_id"), caption.alias("title"),
         _text_of(caption, F.array_join(cats, ", ")).alias("text"), cats.alias("categories"),
-        "error", F.col("line").alias("raw"),
+        "error", "error_detail", F.col("line").alias("raw"),
     )
 
     rec = read_delimited(spark, src.rec_inter, "KuaiSAR recommendation interactions", ",")
@@ -309,9 +400,7 @@ def read_kuaisar(spark: SparkSession, src: KuaiSARSource) -> tuple[DataFrame, Da
         "source", "row", _clean("user_id").alias("user_id"), _clean("item_id").alias("item_id"),
         _first_present(rec, ["timestamp", "time"]).alias("ts_raw"), F.lit("rec").alias("behavior"),
         _null().alias("query"), _null().alias("session_id"),
-        _null().alias("rating"),
-        F.coalesce("error", F.when(_first_present(rec, ["click"]) == "0", F.lit("not_clicked"))).alias("error"),
-        F.col("line").alias("raw"),
+        _null().alias("rating"), *_not_clicked(rec, "click"), F.col("line").alias("raw"),
     )
     srch = read_delimited(spark, src.src_inter, "KuaiSAR search interactions", ",")
     _require(srch, ["user_id", "item_id", "keyword"], src.src_inter, "KuaiSAR search interactions")
@@ -320,9 +409,7 @@ def read_kuaisar(spark: SparkSession, src: KuaiSARSource) -> tuple[DataFrame, Da
         _first_present(srch, ["search_session_timestamp", "search_session_time"]).alias("ts_raw"),
         F.lit("search").alias("behavior"), _token_list_text("keyword").alias("query"),
         _clean("search_session_id").alias("session_id") if "search_session_id" in srch.columns else _null(),
-        _null().alias("rating"),
-        F.coalesce("error", F.when(_first_present(srch, ["click_cnt"]) == "0", F.lit("not_clicked"))).alias("error"),
-        F.col("line").alias("raw"),
+        _null().alias("rating"), *_not_clicked(srch, "click_cnt"), F.col("line").alias("raw"),
     )
     return rec.unionByName(srch), items, None
 
@@ -347,7 +434,7 @@ def _read_generic_table(spark: SparkSession, src: GenericSource, path: Path, wha
     data_cols = [c for c in df.columns if c not in ("source", "row")]
     return df.select(
         "source", "row", *data_cols,
-        F.to_json(F.struct(*data_cols)).alias("raw"), _null().alias("error"),
+        F.to_json(F.struct(*data_cols)).alias("raw"), _null().alias("error"), _null().alias("error_detail"),
     )
 
 
@@ -361,7 +448,7 @@ def read_generic(spark: SparkSession, src: GenericSource) -> tuple[DataFrame, Da
     text = _text_of(_clean(ic.title), _clean(ic.text)) if ic.text else _clean(ic.title)
     items = items.select(
         "source", "row", _clean(ic.item).alias("item_id"), _clean(ic.title).alias("title"),
-        text.alias("text"), cats.alias("categories"), "error", "raw",
+        text.alias("text"), cats.alias("categories"), "error", "error_detail", "raw",
     )
     events = _read_generic_table(spark, src, Path(src.events), "events")
     _require(events, [c for c in (ec.user, ec.item, ec.ts, ec.behavior, ec.query, ec.session) if c],
@@ -372,7 +459,7 @@ def read_generic(spark: SparkSession, src: GenericSource) -> tuple[DataFrame, Da
         (F.lower(_clean(ec.behavior)) if ec.behavior else F.lit("rec")).alias("behavior"),
         (_clean(ec.query) if ec.query else _null()).alias("query"),
         (_clean(ec.session) if ec.session else _null()).alias("session_id"),
-        _null().alias("rating"), "error", "raw",
+        _null().alias("rating"), "error", "error_detail", "raw",
     )
     return events, items, None
 

@@ -3,9 +3,10 @@
 Checks run in a fixed order and a row is rejected for the first one it fails, so the reasons
 are stable across runs. Rejected rows keep their file, line and raw text.
 
-Reasons: undecodable_text, malformed_row, missing_field, wrong_type, bad_timestamp,
-after_run_date, not_clicked (KuaiSAR impressions without a click), duplicate_item,
-unknown_item, duplicate_event, unmatched_query (an Amazon query row with no review).
+Reasons: undecodable_text (not UTF-8), empty_line, malformed_json (with the parser's message),
+malformed_row, missing_field, wrong_type, bad_timestamp, after_run_date, not_clicked (KuaiSAR
+impressions without a click), duplicate_item, unknown_item, duplicate_event, duplicate_query and
+unmatched_query (an Amazon query row with no review).
 """
 from __future__ import annotations
 
@@ -44,8 +45,10 @@ def parse_timestamp(raw: Column) -> Column:
 
 def with_reason(df: DataFrame, checks: list[tuple[Column, str, str]]) -> DataFrame:
     """Add `reason`/`detail` of the first failing check, null where all pass. The reader's parse
-    error (`error`: the line could not be decoded or split) always comes first."""
-    reason, detail = F.when(F.col("error").isNotNull(), F.col("error")), F.when(F.col("error").isNotNull(), F.lit("line"))
+    error (`error`, `error_detail`: the line is not UTF-8, empty, not JSON, or cannot be split)
+    always comes first."""
+    read_error = F.col("error").isNotNull()
+    reason, detail = F.when(read_error, F.col("error")), F.when(read_error, F.col("error_detail"))
     for failed, why, what in checks:
         reason, detail = reason.when(failed, F.lit(why)), detail.when(failed, F.lit(what))
     return df.withColumn("reason", reason).withColumn("detail", detail)

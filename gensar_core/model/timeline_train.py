@@ -296,7 +296,11 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     if mcfg.timeline.init_ids_from_codes:
         from gensar_core.identifiers.checkpoint import load_quantiser
 
-        rows = init_id_embeddings(model, data.tokenizer, load_quantiser(wh.path("identifiers", "quantiser")), seed)
+        folder = wh.path("identifiers", "quantiser")
+        if not folder.exists():
+            raise FileNotFoundError(f"model.timeline.init_ids_from_codes needs the quantiser that learn_identifiers "
+                                    f"writes to {folder} (run that step, or set the option false)")
+        rows = init_id_embeddings(model, data.tokenizer, load_quantiser(folder), seed)
         log.info("%d identifier token embeddings start from the quantiser's code vectors", rows)
     model = model.to(device)
     model.train()
