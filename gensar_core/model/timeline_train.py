@@ -146,6 +146,22 @@ def init_id_embeddings(model, tokenizer, quantiser, seed: int) -> int:
     return rows
 
 
+def initial_model(tokenizer, mcfg, wh: Warehouse, seed: int):
+    """The model training starts from: seeded, with the identifier embeddings taken from the
+    warehouse's quantiser when `model.timeline.init_ids_from_codes`."""
+    model = build_model(tokenizer, mcfg, seed)
+    if mcfg.timeline.init_ids_from_codes:
+        from gensar_core.identifiers.checkpoint import load_quantiser
+
+        folder = wh.path("identifiers", "quantiser")
+        if not folder.exists():
+            raise FileNotFoundError(f"model.timeline.init_ids_from_codes needs the quantiser that learn_identifiers "
+                                    f"writes to {folder} (run that step, or set the option false)")
+        rows = init_id_embeddings(model, tokenizer, load_quantiser(folder), seed)
+        log.info("%d identifier token embeddings start from the quantiser's code vectors", rows)
+    return model
+
+
 def autocast(device: torch.device, mode: str):
     """bf16 autocast where it pays: on CUDA, and on a CPU whose oneDNN has bf16 kernels (AVX-512
     bf16: 1.6x float32 here); `no` turns it off, `fp16` is for CUDA only."""
@@ -292,17 +308,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     wh = Warehouse(cfg.warehouse)
 
     data = load_data(cfg)
-    model = build_model(data.tokenizer, mcfg, seed)
-    if mcfg.timeline.init_ids_from_codes:
-        from gensar_core.identifiers.checkpoint import load_quantiser
-
-        folder = wh.path("identifiers", "quantiser")
-        if not folder.exists():
-            raise FileNotFoundError(f"model.timeline.init_ids_from_codes needs the quantiser that learn_identifiers "
-                                    f"writes to {folder} (run that step, or set the option false)")
-        rows = init_id_embeddings(model, data.tokenizer, load_quantiser(folder), seed)
-        log.info("%d identifier token embeddings start from the quantiser's code vectors", rows)
-    model = model.to(device)
+    model = initial_model(data.tokenizer, mcfg, wh, seed).to(device)
     model.train()
     source = {"formulation": "timeline", "max_len": mcfg.timeline.max_len, **mcfg.timeline.model_dump()}
     backbone = Backbone(model=model, tokenizer=data.tokenizer, kind="causal", label=backbone_label(mcfg),
