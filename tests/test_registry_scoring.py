@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from gensar_core import registry, tracking
 from gensar_core.model.runs import trained_model_dir
 from gensar_core.pipeline import step_batch_score, step_register
 from gensar_core.scoring import partition_of
+from gensar_core.serving import free_port
 from gensar_core.storage import Warehouse
 
 
@@ -81,15 +81,9 @@ def test_batch_score_partitions(toy_model, registered):
     pd.testing.assert_frame_equal(before, pd.read_parquet(folder / "rec" / "part-00000.parquet"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers(toy_model, registered):
     cfg = toy_model
-    port = _free_port()
+    port = free_port()
     # the server runs `uvicorn` from PATH: the venv's bin, as infra/serve_model.sh sets it
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -15,6 +15,7 @@ import torch
 
 from gensar_core import tracking
 from gensar_core.config import PipelineConfig, load_config
+from gensar_core.serving import free_port
 
 
 @pytest.fixture
@@ -103,16 +104,10 @@ def test_explicit_sqlite_uri_keeps_artifacts_beside_it(tmp_path, gensar_home):
     assert (db.parent / "artifacts" / "other" / run.info.run_id / "artifacts" / "k.json").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_tracking_server_uri(tmp_path, gensar_home):
     """A real `mlflow server` on loopback: runs, metrics and artifacts go through HTTP."""
-    port = _free_port()
+    port = free_port()
     store = tmp_path / "server"
     store.mkdir()
     proc = subprocess.Popen(
