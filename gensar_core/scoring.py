@@ -74,17 +74,19 @@ def search_cases(events: pd.DataFrame, ref: int, item_index: dict, max_rec: int,
     day_start = ref - ref % DAY
     ev = order_events(events)
     ev["history"] = histories(ev, max_rec, max_search)
-    idx = ev["item_id"].map(item_index)
+    asked = ((ev["behavior"] == "search") & (ev["ts"] >= day_start)).to_numpy()
     seen: dict = {}
-    earlier = []
-    for user, item in zip(ev["user_id"], idx):  # in time order: the items before each event
+    exclude = []
+    # in time order: each of the day's searches leaves out the items of the user's earlier events
+    for user, item, is_case in zip(ev["user_id"], ev["item_id"].map(item_index), asked):
         before = seen.setdefault(user, [])
-        earlier.append(before.copy())
+        if is_case:
+            exclude.append(np.unique(np.asarray(before, dtype=np.int64)))
         if pd.notna(item):
             before.append(int(item))
-    ev["exclude"] = [np.unique(np.asarray(e, dtype=np.int64)) for e in earlier]
-    day = ev[(ev["behavior"] == "search") & (ev["ts"] >= day_start)]
-    return day[["user_id", "ts", "query", "history", "exclude"]].reset_index(drop=True)
+    day = ev[asked][["user_id", "ts", "query", "history"]].reset_index(drop=True)
+    day["exclude"] = exclude
+    return day
 
 
 def _write_atomic(df: pd.DataFrame, path: Path) -> None:
