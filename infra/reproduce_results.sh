@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 gensar=${GENSAR:-.venv/bin/gensar}
 export GENSAR_HOME=${GENSAR_HOME:-$PWD/.gensar-results}
 config=(-c configs/ablations.yaml "$@")
-jobs=${JOBS:-$(nproc)}
+parallel=${JOBS:-$(nproc)}
 
 "$gensar" "${config[@]}" run --steps ingest,split,embed_semantic,embed_collaborative,learn_identifiers,build_corpus,train
 # every model has its own folder; the corpus (all tasks) serves the prompted variant
@@ -25,7 +25,7 @@ for variant in $variants; do
   "$gensar" "${config[@]}" --set train.num_threads=1 --set train.progress=false --variant "$variant" train \
       > "$logs/train-$variant.log" 2>&1 &
   running=$((running + 1))
-  if [ "$running" -ge "$jobs" ]; then wait -n || { echo "a variant failed: see $logs" >&2; exit 1; }; running=$((running - 1)); fi
+  if [ "$running" -ge "$parallel" ]; then wait -n || { echo "a variant failed: see $logs" >&2; exit 1; }; running=$((running - 1)); fi
 done
 while [ "$running" -gt 0 ]; do
   wait -n || { echo "a variant failed: see $logs" >&2; exit 1; }
