@@ -20,16 +20,14 @@ logs="$GENSAR_HOME/logs"
 mkdir -p "$logs"
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed variant stops the others
 running=0
+wait_one() { wait -n || { echo "a variant failed: see $logs" >&2; exit 1; }; running=$((running - 1)); }
 for variant in $variants; do
   echo "training variant $variant (log: $logs/train-$variant.log)"
   "$gensar" "${config[@]}" --set train.num_threads=1 --set train.progress=false --variant "$variant" train \
       > "$logs/train-$variant.log" 2>&1 &
   running=$((running + 1))
-  if [ "$running" -ge "$parallel" ]; then wait -n || { echo "a variant failed: see $logs" >&2; exit 1; }; running=$((running - 1)); fi
+  if [ "$running" -ge "$parallel" ]; then wait_one; fi
 done
-while [ "$running" -gt 0 ]; do
-  wait -n || { echo "a variant failed: see $logs" >&2; exit 1; }
-  running=$((running - 1))
-done
+while [ "$running" -gt 0 ]; do wait_one; done
 "$gensar" "${config[@]}" evaluate
 echo "report: $GENSAR_HOME/warehouse/reports/eval-test/report.md"
