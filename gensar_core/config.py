@@ -295,6 +295,9 @@ class TimelineModelConfig(_Strict):
     tokens_per_batch: int = Field(8192, ge=64)  # padded tokens per optimizer step (README validation log: 8192 beat 16384)
     adhoc_per_item: int = Field(1, ge=0)   # ad-hoc search windows (pseudo-query -> ID) per item and epoch
     embed_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on token embeddings while training
+    # dropout on each attention and MLP output before it joins the residual stream (GPT-2's
+    # resid_pdrop, SASRec's dropout), while training; attention itself stays on its flash kernel
+    resid_dropout: float = Field(0.0, ge=0, lt=1)
     # the checkpoint kept: the best 'mean' of the tasks' valid NDCG@10, or their geometric mean
     # ('geomean': a relative gain on one task weighs as much as on the other)
     select: Literal["mean", "geomean"] = "mean"

@@ -180,3 +180,28 @@ def test_code_vector_init_without_a_quantiser_names_the_step(tmp_path):
                                          "tracking": {"enabled": False}})
     with pytest.raises(FileNotFoundError, match="learn_identifiers"):
         run_train_timeline(cfg)
+
+
+def test_residual_and_embedding_dropout_act_in_training_only():
+    """Dropout hooks change the training forward pass (two passes differ) and leave the eval pass
+    identical to the same model without them."""
+    import torch
+
+    from gensar_core.config import PipelineConfig
+    from gensar_core.model.timeline import build_tokenizer
+    from gensar_core.model.timeline_train import build_model
+    from gensar_core.model.vocab import added_tokens
+
+    small = {"d_model": 32, "d_ff": 64, "num_heads": 2}
+    plain_cfg = PipelineConfig.model_validate({"identifiers": {"codebook_size": 8}, "model": {"timeline": small}})
+    drop_cfg = PipelineConfig.model_validate({"identifiers": {"codebook_size": 8},
+                                              "model": {"timeline": {**small, "resid_dropout": 0.3,
+                                                                     "embed_dropout": 0.3}}})
+    tokenizer = build_tokenizer(["a query"], added_tokens(plain_cfg))
+    plain, dropped = build_model(tokenizer, plain_cfg.model, seed=0), build_model(tokenizer, drop_cfg.model, seed=0)
+    ids = torch.arange(1, 9).unsqueeze(0)
+    with torch.no_grad():
+        dropped.train()
+        assert not torch.equal(dropped(input_ids=ids).logits, dropped(input_ids=ids).logits)
+        plain.eval(), dropped.eval()
+        torch.testing.assert_close(dropped(input_ids=ids).logits, plain(input_ids=ids).logits)

@@ -106,13 +106,25 @@ def build_model(tokenizer, mcfg, seed: int):
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    # Llama has no dropout but on attention weights (which would take sdpa off its flash kernel):
+    # these drop embedding features and each sublayer's output, in training only
     if t.embed_dropout:
-        # Llama has no residual dropout; dropping embedding features (training only) regularises
-        # without touching attention, so sdpa keeps its flash kernel
-        p = t.embed_dropout
-        model.get_input_embeddings().register_forward_hook(
-            lambda module, args, out: torch.nn.functional.dropout(out, p, module.training))
+        model.get_input_embeddings().register_forward_hook(output_dropout(t.embed_dropout))
+    if t.resid_dropout:
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_hook(output_dropout(t.resid_dropout))
+            layer.mlp.register_forward_hook(output_dropout(t.resid_dropout))
     return model
+
+
+def output_dropout(p: float):
+    """A forward hook that applies dropout to a module's output (the first element of a tuple
+    output, as attention returns (output, weights)) while the module is training."""
+    def hook(module, args, out):
+        if isinstance(out, tuple):
+            return (torch.nn.functional.dropout(out[0], p, module.training),) + out[1:]
+        return torch.nn.functional.dropout(out, p, module.training)
+    return hook
 
 
 @torch.no_grad()
