@@ -205,3 +205,22 @@ def test_residual_and_embedding_dropout_act_in_training_only():
         assert not torch.equal(dropped(input_ids=ids).logits, dropped(input_ids=ids).logits)
         plain.eval(), dropped.eval()
         torch.testing.assert_close(dropped(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
+    """Emulated bf16 is slower than float32: `auto` autocasts only where the CPU computes bf16."""
+    import torch
+    import torch.cpu
+
+    from gensar_core.model.timeline_train import autocast
+
+    cpu = torch.device("cpu")
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        with autocast(cpu, "auto"):
+            assert torch.is_autocast_enabled("cpu") == (native and torch.backends.mkldnn.is_available())
+    with autocast(cpu, "bf16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    with autocast(cpu, "no"):
+        assert not torch.is_autocast_enabled("cpu")
