@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/quantiser.py
 	$(PY) bench/decode.py
+	$(PY) bench/precision.py
 
 clean:
 	rm -rf .gensar
