@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -294,7 +295,7 @@ class WeightAverage:
                 avg.data, p.data = p.data, avg.data
 
 
-# ---------------------------------------------------------------- the run
+# ---------------------------------------------------------------- checkpointing
 @dataclass
 class Progress:
     step: int = 0
@@ -306,17 +307,65 @@ class Progress:
     supervised_tokens: int = 0
     tokens: int = 0
     losses: list = field(default_factory=list)  # the global batch's mean loss, every step
+    started: float = field(default_factory=time.perf_counter)
 
 
+def validate_and_keep(progress: Progress, model, ranker, cases, select: str, ckpt, average=None) -> dict:
+    """Validate (the weight average when there is one), save the weights to `ckpt` atomically when
+    `select`'s number beats the best so far, and record the evaluation in `progress`."""
+    from safetensors.torch import save_model
+
+    with average.applied(model) if average else contextlib.nullcontext():
+        metrics = validate(ranker, cases)
+        value = metrics[SELECT[select]]
+        improved = value > progress.best
+        if improved:
+            with atomic_dir(ckpt) as stage:
+                save_model(model, str(stage / "model.safetensors"))
+    progress.evals.append({"step": progress.step, "epoch": progress.epoch,
+                           "seconds": round(time.perf_counter() - progress.started, 2), **metrics})
+    if improved:
+        progress.best, progress.best_step, progress.bad_evals = value, progress.step, 0
+    else:
+        progress.bad_evals += 1
+    log.info("step %d (epoch %d): %s, best %.4f at step %d", progress.step, progress.epoch,
+             {k: round(v, 4) for k, v in metrics.items()}, progress.best, progress.best_step)
+    return metrics
+
+
+# ---------------------------------------------------------------- tracking
+def start_tracking(cfg: PipelineConfig, name: str, tasks, label: str, params: dict):
+    """The MLflow run of this training, with the config and `params` logged."""
+    tracking.silence_mlflow_warnings()
+    run = tracking.start_run(cfg, name, {"gensar.step": "train", "gensar.backbone": label,
+                                         "gensar.tasks": "+".join(tasks), "gensar.kind": "causal",
+                                         "gensar.formulation": "timeline"})
+
+    @contextlib.contextmanager
+    def logged():
+        with run as active:
+            tracking.log_params_from_config(cfg)
+            tracking.log_params(params)
+            yield active
+    return logged()
+
+
+def log_step(progress: Progress, loss: float, lr: float) -> None:
+    elapsed = time.perf_counter() - progress.started
+    tracking.log_metrics({"train/loss": loss, "train/lr": lr, "train/epoch": progress.epoch,
+                          "train/supervised_tokens_per_s": progress.supervised_tokens / elapsed}, step=progress.step)
+
+
+# ---------------------------------------------------------------- the run
 def run_train_timeline(cfg: PipelineConfig) -> dict:
     """splits + identifiers -> models/<run>/ (the best validation checkpoint), one MLflow run."""
-    from safetensors.torch import load_model, save_model
+    from safetensors.torch import load_model
 
-    from gensar_core.model.backbone import Backbone, backbone_label, save_trained
+    from gensar_core.model.backbone import Backbone, backbone_label
     from gensar_core.model.corpus import enabled_tasks
     from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
     from gensar_core.model.timeline import batches, collate_windows
-    from gensar_core.model.runs import log_model_artifacts, run_name, run_slug
+    from gensar_core.model.runs import run_name, run_slug
 
     t_start = time.perf_counter()
     tcfg, mcfg = cfg.train, cfg.model
@@ -348,49 +397,25 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     with amp():
         log.info("training on %s in %s", device, torch.get_autocast_dtype(device.type)
                  if torch.is_autocast_enabled(device.type) else torch.float32)
-    progress = Progress()
     eval_every = tcfg.eval_every or steps_per_epoch
     average = WeightAverage(model, mcfg.timeline.ema_decay) if mcfg.timeline.ema_decay else None
     ckpt = wh.path("checkpoints", run_slug(name), "best")
+    track = cfg.tracking.enabled and dist.main  # rank 0 alone talks to MLflow
 
     def evaluate_and_keep() -> None:
         """Rank 0 validates and keeps the best weights; every process learns whether to stop."""
-        if not dist.main:
-            progress.bad_evals, progress.best_step = dist.broadcast(None)
-            return
-        with average.applied(model) if average else contextlib.nullcontext():
-            metrics = validate(ranker, cases)
-            value = metrics[SELECT[mcfg.timeline.select]]
-            improved = value > progress.best
-            if improved:
-                with atomic_dir(ckpt) as stage:
-                    save_model(model, str(stage / "model.safetensors"))
-        progress.evals.append({"step": progress.step, "epoch": progress.epoch,
-                               "seconds": round(time.perf_counter() - t_loop, 2), **metrics})
-        if improved:
-            progress.best, progress.best_step, progress.bad_evals = value, progress.step, 0
-        else:
-            progress.bad_evals += 1
-        log.info("step %d (epoch %d): %s, best %.4f at step %d", progress.step, progress.epoch,
-                 {k: round(v, 4) for k, v in metrics.items()}, progress.best, progress.best_step)
-        if track:
-            tracking.log_metrics({**metrics, "valid/best": progress.best}, step=progress.step)
-        dist.broadcast((progress.bad_evals, progress.best_step))
+        if dist.main:
+            metrics = validate_and_keep(progress, model, ranker, cases, mcfg.timeline.select, ckpt, average)
+            if track:
+                tracking.log_metrics({**metrics, "valid/best": progress.best}, step=progress.step)
+        progress.bad_evals, progress.best_step = dist.broadcast((progress.bad_evals, progress.best_step)
+                                                                if dist.main else None)
 
-    track = cfg.tracking.enabled and dist.main  # rank 0 alone talks to MLflow
-    if track:
-        tracking.silence_mlflow_warnings()
-    run_ctx = tracking.start_run(cfg, name, {"gensar.step": "train", "gensar.backbone": backbone.label,
-                                             "gensar.tasks": "+".join(tasks), "gensar.kind": "causal",
-                                             "gensar.formulation": "timeline"}) if track else contextlib.nullcontext()
-    with run_ctx as run:
-        if track:
-            tracking.log_params_from_config(cfg)
-            tracking.log_params({"derived.run_name": name, "derived.total_steps": total,
-                                 "derived.steps_per_epoch": steps_per_epoch, "derived.users": len(data.timelines),
-                                 "derived.parameters": sum(p.numel() for p in model.parameters())})
+    params = {"derived.run_name": name, "derived.total_steps": total, "derived.steps_per_epoch": steps_per_epoch,
+              "derived.users": len(data.timelines), "derived.parameters": sum(p.numel() for p in model.parameters())}
+    with start_tracking(cfg, name, tasks, backbone.label, params) if track else contextlib.nullcontext() as run:
         bar = tqdm(total=total, desc=f"train {name}", disable=not (tcfg.progress and dist.main), dynamic_ncols=True)
-        t_loop = time.perf_counter()
+        progress = Progress()
         stop = False
         while progress.step < total and not stop:
             windows = epoch_windows(data, mcfg.timeline.max_len, mcfg.timeline.adhoc_per_item, rng)
@@ -410,10 +435,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", epoch=progress.epoch)
                 if track and progress.step % tcfg.log_every == 0:
-                    elapsed = time.perf_counter() - t_loop
-                    tracking.log_metrics({"train/loss": loss, "train/lr": lr, "train/epoch": progress.epoch,
-                                          "train/supervised_tokens_per_s": progress.supervised_tokens / elapsed},
-                                         step=progress.step)
+                    log_step(progress, loss, lr)
                 if progress.step % eval_every == 0 or progress.step == total:
                     evaluate_and_keep()
                     if tcfg.patience and progress.bad_evals >= tcfg.patience:
@@ -422,7 +444,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                     break
             progress.epoch += 1
         bar.close()
-        seconds = time.perf_counter() - t_loop
+        seconds = time.perf_counter() - progress.started
         if not dist.main:  # rank 0 writes the model; the others are done
             dist.barrier()
             return {"run_name": name, "rank": dist.rank, "world_size": dist.world, "steps": progress.step,
@@ -431,10 +453,9 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
         if progress.best_step >= 0:
             load_model(model, str(ckpt / "model.safetensors"), device=str(device))
         model.eval()
-        out_dir = wh.path("models", run_slug(name))
         best_eval = next((e for e in progress.evals if e["step"] == progress.best_step), {})
-        result = {"run_name": name, "model_dir": str(out_dir), "formulation": "timeline", "tasks": tasks,
-                  "steps": progress.step, "total_steps": total, "epochs_done": progress.epoch,
+        result = {"run_name": name, "model_dir": str(wh.path("models", run_slug(name))), "formulation": "timeline",
+                  "tasks": tasks, "steps": progress.step, "total_steps": total, "epochs_done": progress.epoch,
                   "stopped_early": stop, "best_metric": progress.best, "best_step": progress.best_step,
                   "world_size": dist.world,
                   "metric": SELECT[mcfg.timeline.select], "loop_seconds": round(seconds, 2),
@@ -442,17 +463,28 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                   "train/tokens_per_s": progress.tokens / max(1e-9, seconds),
                   "mlflow_run_id": run.info.run_id if track else None,
                   **{k: v for k, v in best_eval.items() if k.startswith("valid/")}}
-        with atomic_dir(out_dir) as stage:
-            save_trained(backbone, stage, {"run_name": name, "tasks": tasks, "formulation": "timeline",
-                                           "max_len": mcfg.timeline.max_len,
-                                           "identifiers": cfg.identifiers.model_dump(mode="json"),
-                                           "metrics": result, "config_fingerprint": cfg.fingerprint()})
-            write_json_atomic(stage / "train_history.json", {"evals": progress.evals, "losses": progress.losses})
-        if track:
-            log_model_artifacts(cfg, wh, out_dir)
-            tracking.log_metrics({"final/steps": progress.step, "final/best_metric": progress.best})
-        write_json_atomic(wh.path("models", f"{run_slug(name)}.metrics.json"), result)
+        save_run(cfg, backbone, progress, result, track)
         dist.barrier()
     result["seconds"] = round(time.perf_counter() - t_start, 2)
     log.info("train: %s", {k: result[k] for k in ("run_name", "steps", "best_metric", "best_step", "seconds")})
     return result
+
+
+def save_run(cfg: PipelineConfig, backbone, progress: Progress, result: dict, track: bool) -> None:
+    """The trained model (its best weights), tokenizer, gensar_model.json and training history
+    into models/<run>/ atomically, the metrics beside it, the folder to MLflow."""
+    from gensar_core.model.backbone import save_trained
+    from gensar_core.model.runs import log_model_artifacts
+
+    wh = Warehouse(cfg.warehouse)
+    out_dir = wh.path("models", Path(result["model_dir"]).name)
+    with atomic_dir(out_dir) as stage:
+        save_trained(backbone, stage, {"run_name": result["run_name"], "tasks": result["tasks"],
+                                       "formulation": "timeline", "max_len": cfg.model.timeline.max_len,
+                                       "identifiers": cfg.identifiers.model_dump(mode="json"),
+                                       "metrics": result, "config_fingerprint": cfg.fingerprint()})
+        write_json_atomic(stage / "train_history.json", {"evals": progress.evals, "losses": progress.losses})
+    if track:
+        log_model_artifacts(cfg, wh, out_dir)
+        tracking.log_metrics({"final/steps": progress.step, "final/best_metric": progress.best})
+    write_json_atomic(wh.path("models", f"{out_dir.name}.metrics.json"), result)
