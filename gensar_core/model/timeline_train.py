@@ -6,7 +6,7 @@
     model     a small Llama (RoPE, RMSNorm, SwiGLU) from scratch over a word-level vocabulary
     step      next-token cross-entropy on the supervised tokens, AdamW, warm-up + cosine, gradient
               clipping; bf16 autocast on a CPU with native bf16 (1.6x float32 there), float32 on
-              one without (where bf16 is emulated: 1.8x slower)
+              one without (where bf16 is emulated: 2.2x slower, `bench/precision.py`)
     validate  every `train.eval_every` steps: NDCG@10 of both tasks on the valid split, full
               ranking with history banned in the beam, exactly as `evaluate` ranks
     keep      the best validation checkpoint; stop after `train.patience` evaluations without gain
@@ -178,7 +178,7 @@ def initial_model(tokenizer, mcfg, wh: Warehouse, seed: int):
 
 def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX). oneDNN reports bf16
-    support on any AVX-512 CPU, but without these it converts in software: measured 1.8x slower
+    support on any AVX-512 CPU, but without these it converts in software: measured 2.2x slower
     than float32 for a training step on such a CPU, against 1.6x faster on one with them."""
     import torch.cpu
 
