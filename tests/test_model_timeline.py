@@ -224,3 +224,28 @@ def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
     with autocast(cpu, "no"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_weight_average_is_bias_corrected_and_restores_the_trained_weights():
+    """The average of the trained weights alone (not of the random start), in the model inside the
+    block and gone after it."""
+    import torch
+
+    from gensar_core.model.timeline_train import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.9)
+    seen = []
+    for value in (1.0, 2.0, 4.0):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(value)
+        average.update(model)
+        seen.append(value)
+    weights = torch.tensor([0.9 ** (len(seen) - 1 - i) for i in range(len(seen))])
+    expected = float((weights * torch.tensor(seen)).sum() / weights.sum())
+    with average.applied(model):
+        for p in model.parameters():
+            torch.testing.assert_close(p, torch.full_like(p, expected))
+    for p in model.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 4.0))

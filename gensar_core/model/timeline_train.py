@@ -271,14 +271,18 @@ def validate(ranker, cases: dict[str, pd.DataFrame], k: int = 10) -> dict[str, f
 
 
 class WeightAverage:
-    """An exponential moving average of a model's parameters, swapped in for validation."""
+    """An exponential moving average of a model's parameters, swapped in for validation. It starts
+    at zero and is divided by 1 - decay^n after n updates (Adam's bias correction): an average of
+    the trained weights alone, not of the random start, so a short training is averaged sensibly
+    too; after a few hundred updates it is the plain average (0.99^900 = 1e-4)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in model.parameters()]
+        self.decay, self.updates = decay, 0
+        self.shadow = [torch.zeros_like(p, memory_format=torch.preserve_format).detach() for p in model.parameters()]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
         for avg, p in zip(self.shadow, model.parameters()):
             avg.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
 
@@ -286,13 +290,17 @@ class WeightAverage:
     def applied(self, model: torch.nn.Module):
         """The average in the model's parameters inside the block, the trained weights after."""
         params = list(model.parameters())
-        for avg, p in zip(self.shadow, params):
-            avg.data, p.data = p.data, avg.data
+        trained = [p.detach().clone() for p in params]
+        correction = 1 - self.decay ** max(1, self.updates)
+        with torch.no_grad():
+            for avg, p in zip(self.shadow, params):
+                p.copy_(avg / correction)
         try:
             yield
         finally:
-            for avg, p in zip(self.shadow, params):
-                avg.data, p.data = p.data, avg.data
+            with torch.no_grad():
+                for weights, p in zip(trained, params):
+                    p.copy_(weights)
 
 
 # ---------------------------------------------------------------- checkpointing
