@@ -342,20 +342,16 @@ def validate_and_keep(progress: Progress, model, ranker, cases, select: str, ckp
 
 
 # ---------------------------------------------------------------- tracking
+@contextlib.contextmanager
 def start_tracking(cfg: PipelineConfig, name: str, tasks, label: str, params: dict):
     """The MLflow run of this training, with the config and `params` logged."""
     tracking.silence_mlflow_warnings()
-    run = tracking.start_run(cfg, name, {"gensar.step": "train", "gensar.backbone": label,
-                                         "gensar.tasks": "+".join(tasks), "gensar.kind": "causal",
-                                         "gensar.formulation": "timeline"})
-
-    @contextlib.contextmanager
-    def logged():
-        with run as active:
-            tracking.log_params_from_config(cfg)
-            tracking.log_params(params)
-            yield active
-    return logged()
+    with tracking.start_run(cfg, name, {"gensar.step": "train", "gensar.backbone": label,
+                                        "gensar.tasks": "+".join(tasks), "gensar.kind": "causal",
+                                        "gensar.formulation": "timeline"}) as run:
+        tracking.log_params_from_config(cfg)
+        tracking.log_params(params)
+        yield run
 
 
 def log_step(progress: Progress, loss: float, lr: float) -> None:
@@ -462,8 +458,9 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
             load_model(model, str(ckpt / "model.safetensors"), device=str(device))
         model.eval()
         best_eval = next((e for e in progress.evals if e["step"] == progress.best_step), {})
-        result = {"run_name": name, "model_dir": str(wh.path("models", run_slug(name))), "formulation": "timeline",
-                  "tasks": tasks, "steps": progress.step, "total_steps": total, "epochs_done": progress.epoch,
+        out_dir = wh.path("models", run_slug(name))
+        result = {"run_name": name, "model_dir": str(out_dir), "formulation": "timeline", "tasks": tasks,
+                  "steps": progress.step, "total_steps": total, "epochs_done": progress.epoch,
                   "stopped_early": stop, "best_metric": progress.best, "best_step": progress.best_step,
                   "world_size": dist.world,
                   "metric": SELECT[mcfg.timeline.select], "loop_seconds": round(seconds, 2),
@@ -471,21 +468,20 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                   "train/tokens_per_s": progress.tokens / max(1e-9, seconds),
                   "mlflow_run_id": run.info.run_id if track else None,
                   **{k: v for k, v in best_eval.items() if k.startswith("valid/")}}
-        save_run(cfg, backbone, progress, result, track)
+        save_run(cfg, wh, out_dir, backbone, progress, result, track)
         dist.barrier()
     result["seconds"] = round(time.perf_counter() - t_start, 2)
     log.info("train: %s", {k: result[k] for k in ("run_name", "steps", "best_metric", "best_step", "seconds")})
     return result
 
 
-def save_run(cfg: PipelineConfig, backbone, progress: Progress, result: dict, track: bool) -> None:
+def save_run(cfg: PipelineConfig, wh: Warehouse, out_dir: Path, backbone, progress: Progress, result: dict,
+             track: bool) -> None:
     """The trained model (its best weights), tokenizer, gensar_model.json and training history
-    into models/<run>/ atomically, the metrics beside it, the folder to MLflow."""
+    into `out_dir` atomically, the metrics beside it, the folder to MLflow."""
     from gensar_core.model.backbone import save_trained
     from gensar_core.model.runs import log_model_artifacts
 
-    wh = Warehouse(cfg.warehouse)
-    out_dir = wh.path("models", Path(result["model_dir"]).name)
     with atomic_dir(out_dir) as stage:
         save_trained(backbone, stage, {"run_name": result["run_name"], "tasks": result["tasks"],
                                        "formulation": "timeline", "max_len": cfg.model.timeline.max_len,
