@@ -426,6 +426,18 @@ class EvaluateConfig(_Strict):
     # (e.g. the rec-only variant: {"gensar-rec-only": ["corpus.tasks.search.enabled=false", ...]});
     # a variant that has not been trained fails the evaluation (train it first, `gensar --variant`)
     variants: dict[str, list[str]] = {}
+    # more train seeds, by model ('gensar' or a variant's name): each is another training
+    # (`--set train.seed=S`, its own model folder) and another report row, '<name>@seed<S>'; the
+    # report adds each model's mean and sd over its seeds (its own seed included)
+    seeds: dict[str, list[int]] = {}
+
+    @model_validator(mode="after")
+    def _seeds_name_models(self) -> "EvaluateConfig":
+        unknown = sorted(set(self.seeds) - {"gensar", *self.variants})
+        if unknown:
+            raise ValueError(f"evaluate.seeds names {unknown}: not 'gensar' nor in evaluate.variants "
+                             f"({sorted(self.variants) or 'none'})")
+        return self
 
 
 class ScoringConfig(_Strict):

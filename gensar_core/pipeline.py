@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from gensar_core import tracking
 from gensar_core.config import TRAINING_TASKS, PipelineConfig
@@ -100,27 +100,35 @@ def step_train(cfg: PipelineConfig) -> dict:
 
 
 def generative_rankers(cfg: PipelineConfig) -> dict:
-    """This config's trained generative model, and those of `evaluate.variants`, as Rankers
-    (the ones `train` has written)."""
+    """This config's trained generative model, those of `evaluate.variants`, and each one's
+    `evaluate.seeds` replicas ('<name>@seed<S>'), as Rankers (the ones `train` has written)."""
     from gensar_core.config import with_overrides
+    from gensar_core.evaluate.report import seed_row
 
     configs = {"gensar": cfg, **{name: with_overrides(cfg, overrides)
                                  for name, overrides in cfg.evaluate.variants.items()}}
-    return {name: generative_ranker(model_cfg, name) for name, model_cfg in configs.items()}
+    hints = {name: f"--variant {name}" for name in cfg.evaluate.variants}
+    for name, seeds in cfg.evaluate.seeds.items():
+        own = configs[name].train.seed if configs[name].train.seed is not None else configs[name].seed
+        for seed in (s for s in dict.fromkeys(seeds) if s != own):
+            configs[seed_row(name, seed)] = with_overrides(configs[name], [f"train.seed={seed}"])
+            hints[seed_row(name, seed)] = f"{hints.get(name, '')} --set train.seed={seed}".strip()
+    return {name: generative_ranker(model_cfg, name, hints.get(name)) for name, model_cfg in configs.items()}
 
 
-def generative_ranker(cfg: PipelineConfig, name: str = "gensar"):
+def generative_ranker(cfg: PipelineConfig, name: str = "gensar", train_args: Optional[str] = None):
     """The trained generative model of `cfg` as a Ranker; a model that has not been trained is an
-    error, so a report never silently lacks the method it was asked for."""
+    error, so a report never silently lacks the method it was asked for. `train_args`: what to
+    add to `gensar -c CONFIG` to train it (None: it is the config's own model)."""
     from gensar_core.model.corpus import apply_id_scheme, enabled_tasks
     from gensar_core.model.runs import trained_model_dir
     from gensar_core.storage import Warehouse
 
     model_dir = trained_model_dir(cfg)
     if not (model_dir / "config.json").exists():
-        how = ("run the train step" if name == "gensar" else
-               f"train it with `gensar -c CONFIG --variant {name} run --steps build_corpus,train`, "
-               f"or remove it from evaluate.variants")
+        how = ("run the train step" if train_args is None else
+               f"train it with `gensar -c CONFIG {train_args} run --steps build_corpus,train`, "
+               f"or remove it from evaluate.variants / evaluate.seeds")
         raise FileNotFoundError(f"{name}: no trained model at {model_dir}: {how}")
     from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
 

@@ -42,6 +42,7 @@ def test_unknown_key_is_named(tmp_path):
     ("ds=27/11/2026", "ds"),
     ("data.source.kind=csv", "data.source"),
     ("split.train_share=0.95", "split: Value error, train_share"),
+    ('evaluate.seeds={"rec-only": [7]}', "evaluate.seeds names"),  # not a variant
 ])
 def test_bad_values_are_named(override, where):
     with pytest.raises(ConfigError, match=where.replace(".", r"\.")):

@@ -119,3 +119,38 @@ def test_a_broken_tracking_store_fails_the_evaluation(root, tmp_path, monkeypatc
     with pytest.raises(NotADirectoryError, match="not-a-dir"):
         run_evaluate(cfg, {"oracle": Oracle()})
     assert (root / "reports" / "broken" / "report.md").is_file()  # the report itself is kept
+
+
+class EveryOther:
+    """The target at the top for even cases, else not at all: HR@k 0.5 on both tasks."""
+
+    def rank(self, cases, task, k, candidates=None):
+        return [np.array([t]) if i % 2 == 0 else np.array([], dtype=np.int64)
+                for i, t in enumerate(cases["target"])]
+
+
+def test_models_trained_at_several_seeds_get_mean_and_sd(root):
+    """`evaluate.seeds`: the rows '<model>@seed<S>' and the model's own are summarised as mean ±
+    sample sd, in the report, metrics.json, MLflow's flat metrics and as one point of the plot."""
+    from gensar_core.evaluate.report import flat_metrics, tradeoff_points
+
+    cfg = config(root, baselines=["popularity"], protocols=["full"], report_name="seeds",
+                 variants={"rec-only": []}, seeds={"gensar": [7, 8], "rec-only": [7]})
+    rankers = {"gensar": Oracle(), "gensar@seed7": EveryOther(), "gensar@seed8": Oracle(),
+               "rec-only": RecOnly()}  # rec-only@seed7 was not evaluated: no group
+    run_evaluate(cfg, rankers)
+    saved = json.loads((root / "reports" / "seeds" / "metrics.json").read_text())
+    assert saved["seed_groups"] == {"gensar": ["gensar", "gensar@seed7", "gensar@seed8"]}
+    hr = {m: saved["methods"][m]["full"]["rec"]["HR@10"] for m in saved["seed_groups"]["gensar"]}
+    stats = saved["seed_summary"]["gensar"]["full"]["rec"]["HR@10"]
+    assert stats["n"] == 3
+    assert stats["mean"] == pytest.approx(np.mean(list(hr.values())))
+    assert stats["sd"] == pytest.approx(np.std(list(hr.values()), ddof=1)) and stats["sd"] > 0
+    md = (root / "reports" / "seeds" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| gensar | 3 |"))
+    assert f"{stats['mean']:.4f} ± {stats['sd']:.4f}" in row
+    points = tradeoff_points(saved)
+    assert "gensar (3 seeds)" in points and "gensar@seed7" not in points and "gensar" not in points
+    assert points["gensar (3 seeds)"][2] == pytest.approx(
+        saved["seed_summary"]["gensar"]["full"]["rec"]["NDCG@10"]["sd"])
+    assert flat_metrics(saved)["eval/gensar@mean/full/rec/HR@10"] == pytest.approx(stats["mean"])

@@ -91,6 +91,22 @@ def test_an_untrained_variant_fails_the_evaluation(trained):
         generative_rankers(cfg)
 
 
+def test_each_train_seed_is_its_own_model(trained):
+    """`evaluate.seeds`: a replica at another train seed has its own folder (the config's own
+    seed keeps the plain one) and its own row; an untrained one says how to train it."""
+    from gensar_core.config import with_overrides
+    from gensar_core.model.runs import trained_model_dir
+
+    own = trained_model_dir(trained)
+    assert trained_model_dir(with_overrides(trained, [f"train.seed={trained.seed}"])) == own
+    assert trained_model_dir(with_overrides(trained, ["train.seed=7"])).name == own.name + "__seed7"
+    cfg = with_overrides(trained, ['evaluate.seeds={"gensar": [7]}'])
+    with pytest.raises(FileNotFoundError, match=r"gensar@seed7: no trained model.*__seed7.*--set train\.seed=7"):
+        generative_rankers(cfg)
+    # the config's own seed is not a replica
+    assert set(generative_rankers(with_overrides(trained, [f'evaluate.seeds={{"gensar": [{trained.seed}]}}']))) == {"gensar"}
+
+
 def test_tiger_style_variant_in_the_same_report(toy_model, tmp_path):
     """A single-ID (semantic IDs everywhere) model trained beside GenSAR is evaluated as a variant."""
     import shutil

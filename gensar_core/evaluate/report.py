@@ -4,7 +4,10 @@ Written under `<warehouse>/reports/<name>/` in one atomic swap (a failed write l
 report whole). `results` is what `run_evaluate` builds:
 
     {"methods": {method: {protocol: {task: metrics | None}}},
-     "descriptions": {method: str}, "info": {method: dict}, "meta": {...}}
+     "descriptions": {method: str}, "info": {method: dict}, "meta": {...},
+     "seed_groups": {model: [rows]}, "seed_summary": {model: {protocol: {task: {metric: stats}}}}}
+
+(the last two only when `evaluate.seeds` retrains some models at more seeds).
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import json
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
+
+import numpy as np
 
 from gensar_core import tracking
 from gensar_core.config import PipelineConfig
@@ -28,6 +33,60 @@ FILES = ("report.md", "metrics.json", "tradeoff.png")
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+# ---------------------------------------------------------------- models trained at several seeds
+def seed_row(name: str, seed: int) -> str:
+    """The report row of model `name` retrained at train seed `seed` (`evaluate.seeds`)."""
+    return f"{name}@seed{seed}"
+
+
+def seed_groups(seeds: dict[str, list[int]], rows: Sequence[str]) -> dict[str, list[str]]:
+    """{model: its rows in the report, its own seed first} for each model of `evaluate.seeds`
+    with at least two rows."""
+    groups = {}
+    for name, extra in seeds.items():
+        members = [r for r in [name, *(seed_row(name, s) for s in dict.fromkeys(extra))] if r in rows]
+        if len(members) >= 2:
+            groups[name] = members
+    return groups
+
+
+def seed_summary(methods: dict, groups: dict[str, list[str]]) -> dict:
+    """{model: {protocol: {task: {metric: {'mean', 'sd', 'n'}}}}} over each group's rows; sd is
+    the sample standard deviation (n - 1), None for a task the model does not handle."""
+    out: dict = {}
+    for name, members in groups.items():
+        by_protocol = out.setdefault(name, {})
+        for protocol in methods[members[0]]:
+            for task in TASKS:
+                runs = [(methods[m].get(protocol) or {}).get(task) for m in members]
+                if any(r is None for r in runs):
+                    by_protocol.setdefault(protocol, {})[task] = None
+                    continue
+                stats = {}
+                for metric, value in runs[0].items():
+                    if metric in ("n", "seconds") or not isinstance(value, (int, float)):
+                        continue
+                    values = np.array([r[metric] for r in runs], dtype=np.float64)
+                    stats[metric] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)), "n": len(values)}
+                by_protocol.setdefault(protocol, {})[task] = stats
+    return out
+
+
+def seed_table(results: dict, protocol: str, k: int = 10) -> str:
+    """One row per model of `seed_summary`: mean ± sd of HR@k and NDCG@k per task."""
+    names = [f"HR@{k}", f"NDCG@{k}"]
+    header = ["Model", "seeds"] + [f"{TASK_SHORT[t]} {m}" for t in TASKS for m in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, by_protocol in results.get("seed_summary", {}).items():
+        cells = [name, str(len(results["seed_groups"][name]))]
+        for task in TASKS:
+            stats = (by_protocol.get(protocol) or {}).get(task)
+            cells += [f"{stats[m]['mean']:.4f} ± {stats[m]['sd']:.4f}" if stats and m in stats else "n/a"
+                      for m in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(results: dict, protocol: str, ks: Sequence[int] = (1, 5, 10)) -> str:
@@ -72,6 +131,11 @@ def markdown_report(results: dict) -> str:
                     f"negatives). Re-ranking a short list, not retrieval, so not comparable with the full-ranking "
                     f"numbers above (for recommendation it gives several times higher ones).", ""]
         out += [markdown_table(results, protocol, ks), ""]
+        if results.get("seed_summary"):
+            k = 10 if 10 in ks else max(ks)
+            out += ["Models trained at several seeds (`evaluate.seeds`; rows `<model>@seed<S>` above): "
+                    "mean ± sample standard deviation over the seeds, the model's own row included.", "",
+                    seed_table(results, protocol, k), ""]
     out += ["## Methods", ""]
     for method, text in results.get("descriptions", {}).items():
         info = results.get("info", {}).get(method) or {}
@@ -82,8 +146,26 @@ def markdown_report(results: dict) -> str:
     return "\n".join(out)
 
 
+def tradeoff_points(results: dict, protocol: str = "full", metric: str = "NDCG@10") -> dict[str, tuple]:
+    """{label: (rec, search, rec sd, search sd)} to plot: one point per method, except that a
+    model trained at several seeds is one point at its mean (sd 0 for the others; a task the
+    method does not handle is None)."""
+    grouped = {m for members in results.get("seed_groups", {}).values() for m in members}
+    points = {}
+    for method, by_protocol in results["methods"].items():
+        if method not in grouped:
+            by_task = by_protocol.get(protocol) or {}
+            points[method] = tuple((by_task.get(t) or {}).get(metric) for t in TASKS) + (0.0, 0.0)
+    for name, by_protocol in results.get("seed_summary", {}).items():
+        stats = [((by_protocol.get(protocol) or {}).get(t) or {}).get(metric) for t in TASKS]
+        label = f"{name} ({len(results['seed_groups'][name])} seeds)"
+        points[label] = tuple(s and s["mean"] for s in stats) + tuple(s["sd"] if s else 0.0 for s in stats)
+    return points
+
+
 def plot_tradeoff(results: dict, path: Path, protocol: str = "full", metric: str = "NDCG@10") -> Path:
-    """Search quality (y) against recommendation quality (x), one labelled point per method."""
+    """Search quality (y) against recommendation quality (x), one labelled point per method (a
+    model trained at several seeds: its mean, with ± sd bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,22 +173,19 @@ def plot_tradeoff(results: dict, path: Path, protocol: str = "full", metric: str
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     points: dict[tuple, list] = {}  # methods at the same spot share one point and one label
-    for method, by_protocol in results["methods"].items():
-        rec = (by_protocol.get(protocol) or {}).get("rec")
-        search = (by_protocol.get(protocol) or {}).get("search")
-        x = rec.get(metric) if rec else None
-        y = search.get(metric) if search else None
+    for method, (x, y, x_sd, y_sd) in tradeoff_points(results, protocol, metric).items():
         if x is None and y is None:
             continue
         # a method without one task sits on that axis, hollow
         hollow = x is None or y is None
-        key = (round(x or 0.0, 4), round(y or 0.0, 4), hollow)
-        points.setdefault(key, []).append(method)
+        points.setdefault((round(x or 0.0, 4), round(y or 0.0, 4), hollow, x_sd, y_sd), []).append(method)
     xs, ys = [k[0] for k in points] or [0.0], [k[1] for k in points] or [0.0]
     span_x, span_y = max(xs + [1e-3]), max(ys + [1e-3])
     placed: list[tuple] = []
     offsets = [(5, 4, "left"), (5, -11, "left"), (-5, 4, "right"), (-5, -11, "right")]
-    for (x, y, hollow), names in points.items():
+    for (x, y, hollow, x_sd, y_sd), names in points.items():
+        if x_sd or y_sd:
+            ax.errorbar([x], [y], xerr=[x_sd], yerr=[y_sd], color="C0", capsize=3, lw=1)
         ax.scatter([x], [y], s=50, color="none" if hollow else "C0", edgecolors="C0")
         near = sum(1 for px, py in placed if abs(px - x) < 0.05 * span_x and abs(py - y) < 0.05 * span_y)
         dx, dy, ha = offsets[near % len(offsets)]
@@ -151,6 +230,12 @@ def flat_metrics(results: dict) -> dict[str, float]:
                 for key, value in (metrics or {}).items():
                     if isinstance(value, (int, float)) and key not in ("seconds",):
                         out[f"eval/{method}/{protocol}/{task}/{key}"] = value
+    for name, by_protocol in results.get("seed_summary", {}).items():
+        for protocol, by_task in by_protocol.items():
+            for task, stats in (by_task or {}).items():
+                for key, s in (stats or {}).items():
+                    out[f"eval/{name}@mean/{protocol}/{task}/{key}"] = s["mean"]
+                    out[f"eval/{name}@sd/{protocol}/{task}/{key}"] = s["sd"]
     return out
 
 

@@ -14,7 +14,7 @@ from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.context import TASKS, EvalContext
 from gensar_core.evaluate.protocols import evaluate_ranker
 from gensar_core.evaluate.ranking import Ranker
-from gensar_core.evaluate.report import log_to_mlflow, write_report
+from gensar_core.evaluate.report import log_to_mlflow, seed_groups, seed_summary, write_report
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
             **ctx.describe(),
         },
     }
+    groups = seed_groups(ecfg.seeds, list(methods))
+    if groups:
+        results.update(seed_groups=groups, seed_summary=seed_summary(methods, groups))
     paths = write_report(cfg, results, name)
     run_id = log_to_mlflow(cfg, results, paths) if ecfg.log_mlflow else None
     return {"split": ecfg.split, "cases": cases, "methods": methods, "info": info, "report": paths,

@@ -12,7 +12,9 @@ from gensar_core.storage import Warehouse, resolve
 
 def run_name(cfg: PipelineConfig, tasks: Sequence[str], label: str) -> str:
     scheme = "" if cfg.corpus.id_scheme == "dual" else f"|{cfg.corpus.id_scheme}-ids"
-    return cfg.train.run_name or f"{label}|{'+'.join(tasks)}{scheme}"
+    # a train seed other than the pipeline's is another model, in its own folder
+    seed = "" if cfg.train.seed in (None, cfg.seed) else f"|seed{cfg.train.seed}"
+    return cfg.train.run_name or f"{label}|{'+'.join(tasks)}{scheme}{seed}"
 
 
 def run_slug(name: str) -> str:
