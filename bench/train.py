@@ -161,7 +161,7 @@ def main() -> None:
     ours, theirs = rates[runners[0].name], rates[runners[1].name]
     print(f"supervised identifier tokens/s, timeline / prompted T5: {ours / theirs:.1f}x")
 
-    cases = tt.valid_cases(cfg, args.valid_cases, cfg.seed)
+    cases = tt.valid_cases(cfg, args.valid_cases)
     reached = {}
     for make, c in ((Timeline, cfg), (PromptedT5, prompted)):
         runner = make(c)  # fresh weights: time from scratch

@@ -119,8 +119,21 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     # the best weights are the ones saved: validating the saved model again gives its number
     from gensar_core.model.timeline_train import valid_cases, validate
 
-    again = validate(GenerativeRanker(folder, ids, **ranker_settings(cfg)), valid_cases(cfg, None, cfg.seed))
+    again = validate(GenerativeRanker(folder, ids, **ranker_settings(cfg)), valid_cases(cfg, None))
     assert abs(again[key] - result["best_metric"]) < 1e-6
+
+
+def test_every_train_seed_validates_on_the_same_cases(tmp_path):
+    from gensar_core.config import PipelineConfig, with_overrides
+    from gensar_core.model.timeline_train import valid_cases
+    from toy_warehouse import write_toy_warehouse
+
+    write_toy_warehouse(tmp_path / "wh", n_users=40, n_items=20, events_per_user=9, seed=2)
+    cfg = PipelineConfig(warehouse=tmp_path / "wh")
+    own, other = valid_cases(cfg, 5), valid_cases(with_overrides(cfg, ["train.seed=7"]), 5)
+    for task, cases in own.items():
+        assert len(cases) == 5 < len(valid_cases(cfg, None)[task])
+        assert cases[["user_id", "target"]].equals(other[task][["user_id", "target"]])
 
 
 def test_evaluation_cases_carry_the_whole_timeline_behind_seq(tmp_path):

@@ -239,7 +239,9 @@ def train_step(model, optimizer, batch: dict, lr: float, max_grad_norm: Optional
 
 
 # ---------------------------------------------------------------- validation
-def valid_cases(cfg: PipelineConfig, limit: Optional[int], seed: int) -> dict[str, pd.DataFrame]:
+def valid_cases(cfg: PipelineConfig, limit: Optional[int]) -> dict[str, pd.DataFrame]:
+    """The valid cases training selects checkpoints on: at most `limit` a task, drawn with the
+    pipeline seed, not the train seed, so the replicas of `evaluate.seeds` select on the same cases."""
     from gensar_core.evaluate.context import EvalContext
 
     ctx = EvalContext(cfg)
@@ -247,7 +249,7 @@ def valid_cases(cfg: PipelineConfig, limit: Optional[int], seed: int) -> dict[st
     for task in VALID_TASKS:
         cases = ctx.cases("valid", task)
         if limit and len(cases) > limit:
-            cases = cases.iloc[np.sort(np.random.default_rng([seed, 9]).choice(len(cases), limit, replace=False))]
+            cases = cases.iloc[np.sort(np.random.default_rng([cfg.seed, 9]).choice(len(cases), limit, replace=False))]
         out[task] = cases.reset_index(drop=True)
     return out
 
@@ -390,7 +392,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                         source=source)
     ranker = GenerativeRanker(backbone, data.identifiers, **ranker_settings(cfg),
                               tasks=[t for t in VALID_TASKS if t in tasks], name=name)
-    cases = valid_cases(cfg, tcfg.max_valid_examples, seed) if dist.main else None
+    cases = valid_cases(cfg, tcfg.max_valid_examples) if dist.main else None
 
     rng = np.random.default_rng(seed)
     steps_per_epoch = len(batches(epoch_windows(data, mcfg.timeline.max_len, mcfg.timeline.adhoc_per_item,

@@ -272,7 +272,8 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
     train_df = corpus[corpus["split"] == "train"].reset_index(drop=True)
     valid_df = corpus[corpus["split"] == "valid"]
     if tcfg.max_valid_examples and len(valid_df) > tcfg.max_valid_examples:
-        valid_df = valid_df.sample(n=tcfg.max_valid_examples, random_state=seed).sort_index()
+        # the pipeline seed: every train seed selects on the same valid examples
+        valid_df = valid_df.sample(n=tcfg.max_valid_examples, random_state=cfg.seed).sort_index()
     valid_df = valid_df.reset_index(drop=True)
     if train_df.empty:
         raise ValueError(f"the corpus has no training examples for tasks {tasks}")
