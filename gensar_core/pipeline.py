@@ -104,13 +104,13 @@ def generative_rankers(cfg: PipelineConfig) -> dict:
     `evaluate.seeds` replicas ('<name>@seed<S>'), as Rankers (the ones `train` has written)."""
     from gensar_core.config import with_overrides
     from gensar_core.evaluate.report import seed_row
+    from gensar_core.model.runs import train_seed
 
     configs = {"gensar": cfg, **{name: with_overrides(cfg, overrides)
                                  for name, overrides in cfg.evaluate.variants.items()}}
     hints = {name: f"--variant {name}" for name in cfg.evaluate.variants}
     for name, seeds in cfg.evaluate.seeds.items():
-        own = configs[name].train.seed if configs[name].train.seed is not None else configs[name].seed
-        for seed in (s for s in dict.fromkeys(seeds) if s != own):
+        for seed in (s for s in dict.fromkeys(seeds) if s != train_seed(configs[name])):
             configs[seed_row(name, seed)] = with_overrides(configs[name], [f"train.seed={seed}"])
             hints[seed_row(name, seed)] = f"{hints.get(name, '')} --set train.seed={seed}".strip()
     return {name: generative_ranker(model_cfg, name, hints.get(name)) for name, model_cfg in configs.items()}

@@ -10,10 +10,15 @@ from gensar_core.config import PipelineConfig
 from gensar_core.storage import Warehouse, resolve
 
 
+def train_seed(cfg: PipelineConfig) -> int:
+    """The seed a training runs with: `train.seed`, or the pipeline seed when it is None."""
+    return cfg.seed if cfg.train.seed is None else cfg.train.seed
+
+
 def run_name(cfg: PipelineConfig, tasks: Sequence[str], label: str) -> str:
     scheme = "" if cfg.corpus.id_scheme == "dual" else f"|{cfg.corpus.id_scheme}-ids"
     # a train seed other than the pipeline's is another model, in its own folder
-    seed = "" if cfg.train.seed in (None, cfg.seed) else f"|seed{cfg.train.seed}"
+    seed = "" if train_seed(cfg) == cfg.seed else f"|seed{cfg.train.seed}"
     return cfg.train.run_name or f"{label}|{'+'.join(tasks)}{scheme}{seed}"
 
 

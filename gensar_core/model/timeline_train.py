@@ -371,11 +371,11 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     from gensar_core.model.corpus import enabled_tasks
     from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
     from gensar_core.model.timeline import batches, collate_windows
-    from gensar_core.model.runs import run_name, run_slug
+    from gensar_core.model.runs import run_name, run_slug, train_seed
 
     t_start = time.perf_counter()
     tcfg, mcfg = cfg.train, cfg.model
-    seed = cfg.seed if tcfg.seed is None else tcfg.seed
+    seed = train_seed(cfg)
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     dist = dist_setup(tcfg.device)  # under torchrun: this process's share of every batch

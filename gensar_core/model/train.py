@@ -56,7 +56,7 @@ from gensar_core.model.backbone import Backbone, backbone_label, load_backbone, 
 from gensar_core.model.corpus import enabled_tasks, read_corpus
 from gensar_core.model.data import Encoded, collate, encode_examples, n_target_tokens
 from gensar_core.model.distributed import Dist, dist_setup
-from gensar_core.model.runs import log_model_artifacts, run_name, run_slug, trained_model_dir  # noqa: F401
+from gensar_core.model.runs import log_model_artifacts, run_name, run_slug, train_seed, trained_model_dir  # noqa: F401
 from gensar_core.storage import Warehouse, atomic_dir, resolve, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
     """corpus -> models/<run>/ (weights + tokenizer + gensar_model.json), logged to MLflow."""
     t_start = time.perf_counter()
     tcfg, mcfg = cfg.train, cfg.model
-    seed = cfg.seed if tcfg.seed is None else tcfg.seed
+    seed = train_seed(cfg)
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     dist = dist_setup(tcfg.device)
