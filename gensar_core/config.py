@@ -284,6 +284,16 @@ class ScratchT5Config(_Strict):
     tokenizer_vocab_size: int = Field(4000, ge=300)
 
 
+class TimelineLossWeights(_Strict):
+    """The weight of each supervised token kind in the timeline loss (a weighted mean, so only
+    the ratios count): the identifier after `<rec_item>`, the identifier after `<src_item>`
+    (ad-hoc windows included), and the query words with the `<src_item>` that ends them."""
+
+    rec: float = Field(1.0, gt=0)
+    search: float = Field(1.0, gt=0)
+    query: float = Field(1.0, gt=0)
+
+
 class TimelineModelConfig(_Strict):
     """The decoder-only model of the timeline formulation (model/timeline.py), from scratch."""
 
@@ -308,6 +318,7 @@ class TimelineModelConfig(_Strict):
     # start identifier token embeddings from the quantiser's code vectors (timeline_train.py;
     # README validation log: better than a random start)
     init_ids_from_codes: bool = True
+    loss_weights: TimelineLossWeights = TimelineLossWeights()
 
 
 class LoRASettings(_Strict):

@@ -50,15 +50,15 @@ def test_windows_cover_every_event_once_and_fit():
     timeline = c.timeline(events)
     rng = np.random.default_rng(0)
     windows = training_windows([timeline], max_len=32, rng=rng)
-    assert all(len(w) <= 32 and w[0] == tok.bos_token_id for w, _ in windows)
-    supervised = sum(int((lab != IGNORE).sum()) for _, lab in windows)
+    assert all(len(w) <= 32 and w[0] == tok.bos_token_id for w, _, _ in windows)
+    supervised = sum(int((lab != IGNORE).sum()) for _, lab, _ in windows)
     assert supervised == int((timeline[1] != GIVEN).sum())
     rec_only = training_windows([timeline], max_len=32, rng=rng, kinds=supervised_kinds(["rec"]))
     rec_tokens = {tok.convert_tokens_to_ids(t) for t in ["<c_4>", "<d_5>", "<c_0>", "<d_0>", "<a_0>", "<a_1>",
                                                           "<b_0>", "<b_1>"]}
-    assert all(set(lab[lab != IGNORE].tolist()) <= rec_tokens for _, lab in rec_only)
-    assert sum(int((lab != IGNORE).sum()) for _, lab in rec_only) == int((timeline[1] == REC_ID).sum())
-    assert all(((lab == IGNORE) | (lab == w)).all() for w, lab in windows)
+    assert all(set(lab[lab != IGNORE].tolist()) <= rec_tokens for _, lab, _ in rec_only)
+    assert sum(int((lab != IGNORE).sum()) for _, lab, _ in rec_only) == int((timeline[1] == REC_ID).sum())
+    assert all(((lab == IGNORE) | (lab == w)).all() and len(kind) == len(w) for w, lab, kind in windows)
     order = batches(windows, tokens_per_batch=64, rng=rng)
     assert sorted(i for b in order for i in b) == list(range(len(windows)))
     batch = collate_windows(windows, order[0])
@@ -67,9 +67,49 @@ def test_windows_cover_every_event_once_and_fit():
 
 def test_adhoc_window_supervises_the_semantic_id_only():
     tok, c = codec()
-    window, labels = c.adhoc("drama", "i1")
+    window, labels, _ = c.adhoc("drama", "i1")
     assert tok.convert_ids_to_tokens(window.tolist())[:4] == [BOS, SRC_QUERY, "drama", SRC_ITEM]
     assert tok.convert_ids_to_tokens(labels[labels != IGNORE].tolist()) == ["<a_0>", "<b_1>", "<s_2>", "<t_3>"]
+
+
+def test_loss_weights_weigh_each_token_kinds_share_of_the_loss():
+    """Equal weights are Hugging Face's own mean over supervised tokens; query 0.25 is the
+    weighted mean of the per-kind cross-entropy sums, by hand."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gensar_core.model.timeline import kind_weights
+    from gensar_core.model.timeline_train import token_loss
+
+    tok, c = codec()
+    events = [{"behavior": "search" if k % 3 == 0 else "rec", "item_id": "i1" if k % 2 else "i2",
+               "query": "action crime"} for k in range(12)]
+    windows = training_windows([c.timeline(events)], max_len=32, rng=np.random.default_rng(0))
+    windows.append(c.adhoc("drama", "i1"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    index = list(range(len(windows)))
+    assert kind_weights() is None and kind_weights(2.0, 2.0, 2.0) is None
+    plain = token_loss(model, collate_windows(windows, index, tok.pad_token_id))
+    ones = token_loss(model, collate_windows(windows, index, tok.pad_token_id, np.array([0, 1, 1, 1], np.float32)))
+    assert torch.allclose(plain, ones, atol=1e-6)
+
+    batch = collate_windows(windows, index, tok.pad_token_id)
+    kinds = np.full(batch["labels"].shape, GIVEN)
+    for r, (_, _, kind) in enumerate(windows):
+        kinds[r, :len(kind)] = kind
+    kinds[batch["labels"].numpy() == IGNORE] = GIVEN  # the ad-hoc window's query is given, not a target
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+    by_kind = {k: (float(ce[torch.from_numpy(kinds[:, 1:] == k)].sum()), int((kinds[:, 1:] == k).sum()))
+               for k in (REC_ID, QUERY, SEARCH_ID)}
+    assert all(n for _, n in by_kind.values())
+    want = ((by_kind[REC_ID][0] + by_kind[SEARCH_ID][0] + 0.25 * by_kind[QUERY][0])
+            / (by_kind[REC_ID][1] + by_kind[SEARCH_ID][1] + 0.25 * by_kind[QUERY][1]))
+    weighted = collate_windows(windows, index, tok.pad_token_id, kind_weights(query=0.25))
+    assert float(token_loss(model, weighted)) == pytest.approx(want, rel=1e-5)
 
 
 # ---------------------------------------------------------------- a real tiny training run

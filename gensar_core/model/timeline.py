@@ -125,13 +125,15 @@ class TimelineCodec:
         words = self.words
         return " ".join([BOS] + [words[i] for i in ids.tolist()] + tail)
 
-    def adhoc(self, query: str, item_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def adhoc(self, query: str, item_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ad-hoc search task as a short window: BOS `<src_query>` query `<src_item>` + the
-        item's semantic ID, with the loss on the ID only (the query is given, no history)."""
+        item's semantic ID, with the loss on the ID only (the query is given, no history).
+        Returns (input ids, labels, token kinds), as `training_windows` does."""
         ids, kinds = self.event("search", item_id, query)
         window = np.asarray([self.vocab[BOS]] + ids, dtype=np.int64)
-        labels = np.where(np.asarray([GIVEN] + kinds) == SEARCH_ID, window, IGNORE)
-        return window, labels
+        kinds = np.asarray([GIVEN] + kinds, dtype=np.int8)
+        labels = np.where(kinds == SEARCH_ID, window, IGNORE)
+        return window, labels, kinds
 
     @property
     def words(self) -> list[str]:
@@ -142,11 +144,11 @@ class TimelineCodec:
 
 def training_windows(timelines: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], max_len: int,
                      rng: np.random.Generator, kinds: Sequence[int] = (REC_ID, QUERY, SEARCH_ID)
-                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+                     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Windows of at most `max_len` tokens (BOS + whole events) covering each timeline, cut from
     its end with the older cuts shifted by a random offset each epoch, so every event is a target
-    once per epoch and window edges move. Returns (input ids, labels) pairs, labels IGNORE but
-    for tokens of the supervised `kinds`; inputs start with BOS."""
+    once per epoch and window edges move. Returns (input ids, labels, token kinds) triples, labels
+    IGNORE but for tokens of the supervised `kinds`; inputs start with BOS."""
     out = []
     for ids, token_kinds, starts in timelines:
         sup = np.isin(token_kinds, kinds)
@@ -164,7 +166,7 @@ def training_windows(timelines: Sequence[tuple[np.ndarray, np.ndarray, np.ndarra
             window = np.concatenate([[bos], ids[begin:end]]).astype(np.int64)
             labels = np.where(np.concatenate([[False], sup[begin:end]]), window, IGNORE)
             if (labels != IGNORE).any():
-                out.append((window, labels))
+                out.append((window, labels, np.concatenate([[GIVEN], token_kinds[begin:end]]).astype(np.int8)))
             end, first = begin, False
     return out
 
@@ -173,7 +175,7 @@ def batches(windows: list[tuple[np.ndarray, np.ndarray]], tokens_per_batch: int,
             rng: np.random.Generator) -> list[list[int]]:
     """Indexes of `windows` grouped by similar length (little padding), about `tokens_per_batch`
     padded tokens each, in a shuffled order."""
-    lengths = np.asarray([len(w) for w, _ in windows])
+    lengths = np.asarray([len(w[0]) for w in windows])
     order = np.lexsort((rng.random(len(lengths)), lengths))
     out, cur, width = [], [], 0
     for i in order:
@@ -188,15 +190,31 @@ def batches(windows: list[tuple[np.ndarray, np.ndarray]], tokens_per_batch: int,
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def collate_windows(windows, index: Sequence[int], pad_id: int = 0):
+def kind_weights(rec: float = 1.0, search: float = 1.0, query: float = 1.0) -> Optional[np.ndarray]:
+    """The loss weight of each token kind, indexed by kind (GIVEN, REC_ID, QUERY, SEARCH_ID);
+    None when every kind weighs the same (the plain mean over supervised tokens)."""
+    if rec == search == query:
+        return None
+    weights = np.zeros(4, dtype=np.float32)
+    weights[REC_ID], weights[QUERY], weights[SEARCH_ID] = rec, query, search
+    return weights
+
+
+def collate_windows(windows, index: Sequence[int], pad_id: int = 0, weights: Optional[np.ndarray] = None):
+    """A right-padded batch of `windows[index]`; with `weights` (kind_weights), also each
+    position's loss weight, 0 where there is no label."""
     import torch
 
     rows = [windows[i] for i in index]
-    width = max(len(w) for w, _ in rows)
+    width = max(len(w) for w, _, _ in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    kinds = np.full((len(rows), width), GIVEN, dtype=np.int8)
     mask = np.zeros((len(rows), width), dtype=np.int64)
-    for r, (w, lab) in enumerate(rows):
-        ids[r, :len(w)], labels[r, :len(w)], mask[r, :len(w)] = w, lab, 1
-    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-            "attention_mask": torch.from_numpy(mask)}
+    for r, (w, lab, kind) in enumerate(rows):
+        ids[r, :len(w)], labels[r, :len(w)], kinds[r, :len(w)], mask[r, :len(w)] = w, lab, kind, 1
+    batch = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+             "attention_mask": torch.from_numpy(mask)}
+    if weights is not None:
+        batch["loss_weights"] = torch.from_numpy(np.where(labels != IGNORE, weights[kinds], 0).astype(np.float32))
+    return batch

@@ -205,10 +205,23 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def token_loss(model, batch: dict, denominator=None):
+    """The batch's next-token loss: the mean over supervised tokens (Hugging Face's own), or with
+    `loss_weights` (timeline.kind_weights) the weighted sum over the weights' sum. `denominator`:
+    the global batch's (token count, or weight sum) under torchrun, where each process holds a share."""
+    if "loss_weights" not in batch:
+        kwargs = {"num_items_in_batch": torch.tensor(denominator)} if denominator is not None else {}
+        return model(input_ids=batch["input_ids"], labels=batch["labels"], **kwargs).loss
+    weights = batch["loss_weights"][:, 1:]
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+    return (ce * weights).sum() / (weights.sum() if denominator is None else denominator)
+
+
 def train_step(model, optimizer, batch: dict, lr: float, max_grad_norm: Optional[float], amp,
                dist: Dist = Dist()) -> float:
     """One optimizer step on `batch` (this process's share of the global batch under torchrun);
-    returns the global batch's mean loss per supervised token."""
+    returns the global batch's mean loss per supervised token (weighted, with `loss_weights`)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -216,17 +229,18 @@ def train_step(model, optimizer, batch: dict, lr: float, max_grad_norm: Optional
     # attention mask is needed (and sdpa takes its flash kernel)
     if dist.world == 1:
         with amp():
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            loss = token_loss(model, batch)
         loss.backward()
     else:
         # each process sums its tokens' losses over the global count, and the gradients are
         # summed: exactly the one-process gradient of the global batch's mean
-        targets = int((batch["labels"][:, 1:] != -100).sum()) if len(batch["labels"]) else 0
-        total = dist.sum([targets], batch["labels"].device)[0]
-        if targets:
+        weighted = "loss_weights" in batch
+        share = (float(batch["loss_weights"][:, 1:].sum()) if weighted else
+                 int((batch["labels"][:, 1:] != -100).sum())) if len(batch["labels"]) else 0
+        total = dist.sum([share], batch["labels"].device)[0]
+        if share:
             with amp():
-                loss = model(input_ids=batch["input_ids"], labels=batch["labels"],
-                             num_items_in_batch=torch.tensor(total)).loss
+                loss = token_loss(model, batch, total)
             loss.backward()
         else:  # a process with no window this step still joins the collectives
             loss = torch.zeros(())
@@ -370,7 +384,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     from gensar_core.model.backbone import Backbone, backbone_label
     from gensar_core.model.corpus import enabled_tasks
     from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
-    from gensar_core.model.timeline import batches, collate_windows
+    from gensar_core.model.timeline import batches, collate_windows, kind_weights
     from gensar_core.model.runs import run_name, run_slug, train_seed
 
     t_start = time.perf_counter()
@@ -404,6 +418,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
         log.info("training on %s in %s", device, torch.get_autocast_dtype(device.type)
                  if torch.is_autocast_enabled(device.type) else torch.float32)
     eval_every = tcfg.eval_every or steps_per_epoch
+    loss_weights = kind_weights(**mcfg.timeline.loss_weights.model_dump())
     average = WeightAverage(model, mcfg.timeline.ema_decay) if mcfg.timeline.ema_decay else None
     ckpt = wh.path("checkpoints", run_slug(name), "best")
     track = cfg.tracking.enabled and dist.main  # rank 0 alone talks to MLflow
@@ -428,7 +443,8 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
             for index in batches(windows, mcfg.timeline.tokens_per_batch, rng):
                 # every process draws the same global batch and trains on its share of the windows
                 shard = index[dist.rank::dist.world]
-                batch = {k: v.to(device) for k, v in collate_windows(windows, shard, data.tokenizer.pad_token_id).items()}
+                batch = collate_windows(windows, shard, data.tokenizer.pad_token_id, loss_weights)
+                batch = {k: v.to(device) for k, v in batch.items()}
                 lr = lr_at(progress.step, total, tcfg.lr, tcfg.warmup_steps, tcfg.min_lr_ratio)
                 loss = train_step(model, optimizer, batch, lr, tcfg.max_grad_norm, amp, dist)
                 if average:
