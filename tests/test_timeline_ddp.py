@@ -40,7 +40,9 @@ def run(tmp_path: Path, cfg, procs: int) -> dict:
     return json.loads(out.read_text())
 
 
-def test_two_processes_train_the_same_model_as_one(tmp_path):
+@pytest.mark.parametrize("loss_weights", [{}, {"search": 2.0, "query": 0.5}], ids=["mean", "weighted"])
+def test_two_processes_train_the_same_model_as_one(tmp_path, loss_weights):
+    """Also with per-kind loss weights, where each process divides by the global weight sum."""
     import mlflow
     from safetensors.torch import load_file
 
@@ -55,7 +57,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
             "warehouse": str(root), "identifiers": {"codebook_size": 8},
             "tracking": {"uri": f"sqlite:///{tmp_path / f'mlflow-{procs}.db'}", "log_model": False},
             "model": {"timeline": {"init_ids_from_codes": False, "max_len": 64, "d_model": 32, "d_ff": 64, "num_heads": 2, "num_layers": 1,
-                                   "tokens_per_batch": 1024}},
+                                   "tokens_per_batch": 1024, "loss_weights": loss_weights}},
             "train": {"epochs": 2, "lr": 3e-3, "warmup_steps": 2, "eval_every": 4, "patience": 0,
                       "progress": False, "mixed_precision": "no"},
             "evaluate": {"beam_size": 8}})
