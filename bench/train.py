@@ -60,13 +60,14 @@ class Timeline:
         backbone = Backbone(self.model, self.data.tokenizer, "causal", "timeline",
                             {"formulation": "timeline", "max_len": cfg.model.timeline.max_len})
         self.ranker = GenerativeRanker(backbone, self.data.identifiers, **ranker_settings(cfg))
+        self.loss_weights = tt.kind_loss_weights(self.data, cfg.model.timeline)
 
     def step(self) -> int:
         if not self.queue:
             self.windows = tt.epoch_windows(self.data, self.cfg.model.timeline.max_len,
                                             self.cfg.model.timeline.adhoc_per_item, self.rng)
             self.queue = batches(self.windows, self.cfg.model.timeline.tokens_per_batch, self.rng)
-        batch = collate_windows(self.windows, self.queue.pop(), self.data.tokenizer.pad_token_id)
+        batch = collate_windows(self.windows, self.queue.pop(), self.data.tokenizer.pad_token_id, self.loss_weights)
         lr = tt.lr_at(self.step_no, self.total, self.cfg.train.lr, self.cfg.train.warmup_steps, 0.0)
         tt.train_step(self.model, self.opt, batch, lr, 1.0, lambda: tt.autocast(torch.device("cpu"), "auto"))
         self.step_no += 1

@@ -91,6 +91,8 @@ def test_loss_weights_weigh_each_token_kinds_share_of_the_loss():
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     index = list(range(len(windows)))
     assert kind_weights() is None and kind_weights(2.0, 2.0, 2.0) is None
+    assert kind_weights(search=2.0, kinds=(REC_ID,)) is None  # one kind: the plain mean
+    assert kind_weights(search=2.0, kinds=(REC_ID, SEARCH_ID)).tolist() == [0, 1, 1, 2]
     plain = token_loss(model, collate_windows(windows, index, tok.pad_token_id))
     ones = token_loss(model, collate_windows(windows, index, tok.pad_token_id, np.array([0, 1, 1, 1], np.float32)))
     assert torch.allclose(plain, ones, atol=1e-6)

@@ -190,13 +190,15 @@ def batches(windows: list[tuple[np.ndarray, np.ndarray]], tokens_per_batch: int,
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def kind_weights(rec: float = 1.0, search: float = 1.0, query: float = 1.0) -> Optional[np.ndarray]:
+def kind_weights(rec: float = 1.0, search: float = 1.0, query: float = 1.0,
+                 kinds: Sequence[int] = (REC_ID, QUERY, SEARCH_ID)) -> Optional[np.ndarray]:
     """The loss weight of each token kind, indexed by kind (GIVEN, REC_ID, QUERY, SEARCH_ID);
-    None when every kind weighs the same (the plain mean over supervised tokens)."""
-    if rec == search == query:
-        return None
+    None when the supervised `kinds` all weigh the same (the plain mean over supervised tokens,
+    e.g. a single-task model)."""
     weights = np.zeros(4, dtype=np.float32)
     weights[REC_ID], weights[QUERY], weights[SEARCH_ID] = rec, query, search
+    if len({float(weights[k]) for k in kinds}) <= 1:
+        return None
     return weights
 
 

@@ -96,6 +96,15 @@ def epoch_windows(data: TimelineData, max_len: int, adhoc_per_item: int, rng: np
     return windows
 
 
+def kind_loss_weights(data: TimelineData, tcfg) -> Optional[np.ndarray]:
+    """`model.timeline.loss_weights` as collate_windows takes them, over the kinds this training
+    supervises (ad-hoc windows supervise search IDs); None when those weigh the same."""
+    from gensar_core.model.timeline import SEARCH_ID, kind_weights
+
+    kinds = set(data.kinds) | ({SEARCH_ID} if data.adhoc and tcfg.adhoc_per_item else set())
+    return kind_weights(**tcfg.loss_weights.model_dump(), kinds=sorted(kinds))
+
+
 # ---------------------------------------------------------------- model
 def build_model(tokenizer, mcfg, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -384,7 +393,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     from gensar_core.model.backbone import Backbone, backbone_label
     from gensar_core.model.corpus import enabled_tasks
     from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
-    from gensar_core.model.timeline import batches, collate_windows, kind_weights
+    from gensar_core.model.timeline import batches, collate_windows
     from gensar_core.model.runs import run_name, run_slug, train_seed
 
     t_start = time.perf_counter()
@@ -418,7 +427,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
         log.info("training on %s in %s", device, torch.get_autocast_dtype(device.type)
                  if torch.is_autocast_enabled(device.type) else torch.float32)
     eval_every = tcfg.eval_every or steps_per_epoch
-    loss_weights = kind_weights(**mcfg.timeline.loss_weights.model_dump())
+    loss_weights = kind_loss_weights(data, mcfg.timeline)
     average = WeightAverage(model, mcfg.timeline.ema_decay) if mcfg.timeline.ema_decay else None
     ckpt = wh.path("checkpoints", run_slug(name), "best")
     track = cfg.tracking.enabled and dist.main  # rank 0 alone talks to MLflow
