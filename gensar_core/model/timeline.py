@@ -171,7 +171,7 @@ def training_windows(timelines: Sequence[tuple[np.ndarray, np.ndarray, np.ndarra
     return out
 
 
-def batches(windows: list[tuple[np.ndarray, np.ndarray]], tokens_per_batch: int,
+def batches(windows: list[tuple[np.ndarray, ...]], tokens_per_batch: int,
             rng: np.random.Generator) -> list[list[int]]:
     """Indexes of `windows` grouped by similar length (little padding), about `tokens_per_batch`
     padded tokens each, in a shuffled order."""
