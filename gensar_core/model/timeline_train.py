@@ -243,9 +243,12 @@ def train_step(model, optimizer, batch: dict, lr: float, max_grad_norm: Optional
     else:
         # each process sums its tokens' losses over the global count, and the gradients are
         # summed: exactly the one-process gradient of the global batch's mean
-        weighted = "loss_weights" in batch
-        share = (float(batch["loss_weights"][:, 1:].sum()) if weighted else
-                 int((batch["labels"][:, 1:] != -100).sum())) if len(batch["labels"]) else 0
+        if not len(batch["labels"]):
+            share = 0
+        elif "loss_weights" in batch:
+            share = float(batch["loss_weights"][:, 1:].sum())
+        else:
+            share = int((batch["labels"][:, 1:] != -100).sum())
         total = dist.sum([share], batch["labels"].device)[0]
         if share:
             with amp():
