@@ -322,6 +322,10 @@ class TimelineModelConfig(_Strict):
     # README validation log: better than a random start)
     init_ids_from_codes: bool = True
     loss_weights: TimelineLossWeights = TimelineLossWeights()
+    # after each validation, the loss weight of every validated task (rec, search) whose valid
+    # NDCG@10 did not beat its own best so far is multiplied by this (1: off): a task that has
+    # stopped gaining trains less while the other still learns. A single-task model is unaffected.
+    stale_task_decay: float = Field(1.0, gt=0, le=1)
 
 
 class LoRASettings(_Strict):

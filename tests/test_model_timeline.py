@@ -115,11 +115,36 @@ def test_loss_weights_weigh_each_token_kinds_share_of_the_loss():
 
 
 # ---------------------------------------------------------------- a real tiny training run
-@pytest.mark.parametrize("select,ema", [("mean", None), ("geomean", 0.9)])
+def test_a_task_that_stops_gaining_on_valid_loses_loss_weight():
+    """stale_task_decay: each validation a task does not beat its own best halves its weight;
+    a single-task model has no other kind to shift weight to, so its loss stays the plain mean."""
+    from types import SimpleNamespace
+
+    from gensar_core.config import TimelineModelConfig
+    from gensar_core.model.timeline_train import Progress, decay_stale_tasks, kind_loss_weights
+
+    progress = Progress()
+    for rec, search in [(0.05, 0.10), (0.08, 0.30), (0.07, 0.40), (0.06, 0.35), (0.09, 0.45)]:
+        decay_stale_tasks(progress, {"valid/rec_ndcg@10": rec, "valid/search_ndcg@10": search}, 0.5)
+    assert progress.task_scale == {"rec": 0.25, "search": 0.5}
+    assert progress.task_best == {"rec": 0.09, "search": 0.45}
+    off = Progress()
+    decay_stale_tasks(off, {"valid/rec_ndcg@10": 0.1}, 1.0)
+    decay_stale_tasks(off, {"valid/rec_ndcg@10": 0.0}, 1.0)
+    assert off.task_scale == {}
+
+    tcfg = TimelineModelConfig()
+    joint = SimpleNamespace(kinds=(REC_ID, QUERY, SEARCH_ID), adhoc=[])
+    assert kind_loss_weights(joint, tcfg, progress.task_scale).tolist() == [0, 0.25, 1, 1]
+    assert kind_loss_weights(SimpleNamespace(kinds=(REC_ID,), adhoc=[]), tcfg, progress.task_scale) is None
+
+
+@pytest.mark.parametrize("select,ema,decay", [("mean", None, 1.0), ("geomean", 0.9, 0.5)])
 def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whole_histories(tmp_path, monkeypatch,
-                                                                                          select, ema):
+                                                                                          select, ema, decay):
     """The kept checkpoint is the best by the configured selection number; with a weight average
-    it is the average that is validated and saved."""
+    it is the average that is validated and saved; with stale_task_decay each task's recorded
+    loss scale halves at every validation it does not beat its own best."""
     import json
 
     from gensar_core.config import PipelineConfig
@@ -136,7 +161,8 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
         "warehouse": str(root), "identifiers": {"codebook_size": 8}, "tracking": {"enabled": False},
         "model": {"formulation": "timeline", "timeline": {"init_ids_from_codes": False, "max_len": 64, "d_model": 32, "d_ff": 64, "num_heads": 2,
                                                           "num_layers": 1, "tokens_per_batch": 512,
-                                                          "select": select, "ema_decay": ema}},
+                                                          "select": select, "ema_decay": ema,
+                                                          "stale_task_decay": decay}},
         "train": {"epochs": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 3, "patience": 0, "progress": False},
         "evaluate": {"beam_size": 8}})
     result = run_train_timeline(cfg)
@@ -147,6 +173,10 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     assert result["metric"] == key and result["best_step"] == best["step"] and result["best_metric"] == best[key]
     assert result["steps"] == result["total_steps"] and result["train/supervised_tokens_per_s"] > 0
     assert {"valid/rec_ndcg@10", "valid/search_ndcg@10"} <= set(best)
+    for task in ("rec", "search"):
+        scores = [e[f"valid/{task}_ndcg@10"] for e in history]
+        stale = [sum(s <= max(scores[:i], default=-1) for i, s in enumerate(scores[:n + 1])) for n in range(len(history))]
+        assert [e.get(f"train/{task}_loss_scale", 1.0) for e in history] == [decay ** k for k in stale]
 
     ids = Warehouse(root).read("identifiers/items")
     ranker = GenerativeRanker(folder, ids, **ranker_settings(cfg))

@@ -96,13 +96,15 @@ def epoch_windows(data: TimelineData, max_len: int, adhoc_per_item: int, rng: np
     return windows
 
 
-def kind_loss_weights(data: TimelineData, tcfg) -> Optional[np.ndarray]:
-    """`model.timeline.loss_weights` as collate_windows takes them, over the kinds this training
-    supervises (ad-hoc windows supervise search IDs); None when those weigh the same."""
+def kind_loss_weights(data: TimelineData, tcfg, scale: Optional[dict] = None) -> Optional[np.ndarray]:
+    """`model.timeline.loss_weights`, each times its `scale` (by task, 1 if absent), as
+    collate_windows takes them, over the kinds this training supervises (ad-hoc windows supervise
+    search IDs); None when those weigh the same."""
     from gensar_core.model.timeline import SEARCH_ID, kind_weights
 
     kinds = set(data.kinds) | ({SEARCH_ID} if data.adhoc and tcfg.adhoc_per_item else set())
-    return kind_weights(**tcfg.loss_weights.model_dump(), kinds=sorted(kinds))
+    weights = {task: w * (scale or {}).get(task, 1.0) for task, w in tcfg.loss_weights.model_dump().items()}
+    return kind_weights(**weights, kinds=sorted(kinds))
 
 
 # ---------------------------------------------------------------- model
@@ -343,6 +345,8 @@ class Progress:
     supervised_tokens: int = 0
     tokens: int = 0
     losses: list = field(default_factory=list)  # the global batch's mean loss, every step
+    task_best: dict = field(default_factory=dict)   # each validated task's best NDCG@10 so far
+    task_scale: dict = field(default_factory=dict)  # each task's loss-weight factor (decay_stale_tasks)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -367,6 +371,21 @@ def validate_and_keep(progress: Progress, model, ranker, cases, select: str, ckp
     log.info("step %d (epoch %d): %s, best %.4f at step %d", progress.step, progress.epoch,
              {k: round(v, 4) for k, v in metrics.items()}, progress.best, progress.best_step)
     return metrics
+
+
+def decay_stale_tasks(progress: Progress, metrics: dict, decay: float) -> None:
+    """After a validation, multiply by `decay` the loss scale (`progress.task_scale`) of each task
+    whose valid NDCG@10 did not beat its own best so far (`model.timeline.stale_task_decay`)."""
+    for task in VALID_TASKS:
+        value = metrics.get(f"valid/{task}_ndcg@10")
+        if value is None:
+            continue
+        if value > progress.task_best.get(task, -math.inf):
+            progress.task_best[task] = value
+        elif decay < 1:
+            progress.task_scale[task] = progress.task_scale.get(task, 1.0) * decay
+            log.info("%s did not gain on valid: its loss weight is now %.3g of the configured",
+                     task, progress.task_scale[task])
 
 
 # ---------------------------------------------------------------- tracking
@@ -437,12 +456,17 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
 
     def evaluate_and_keep() -> None:
         """Rank 0 validates and keeps the best weights; every process learns whether to stop."""
+        nonlocal loss_weights
         if dist.main:
             metrics = validate_and_keep(progress, model, ranker, cases, mcfg.timeline.select, ckpt, average)
+            decay_stale_tasks(progress, metrics, mcfg.timeline.stale_task_decay)
+            scales = {f"train/{task}_loss_scale": f for task, f in progress.task_scale.items()}
+            progress.evals[-1].update(scales)
             if track:
-                tracking.log_metrics({**metrics, "valid/best": progress.best}, step=progress.step)
-        progress.bad_evals, progress.best_step = dist.broadcast((progress.bad_evals, progress.best_step)
-                                                                if dist.main else None)
+                tracking.log_metrics({**metrics, **scales, "valid/best": progress.best}, step=progress.step)
+        progress.bad_evals, progress.best_step, progress.task_scale = dist.broadcast(
+            (progress.bad_evals, progress.best_step, progress.task_scale) if dist.main else None)
+        loss_weights = kind_loss_weights(data, mcfg.timeline, progress.task_scale)
 
     params = {"derived.run_name": name, "derived.total_steps": total, "derived.steps_per_epoch": steps_per_epoch,
               "derived.users": len(data.timelines), "derived.parameters": sum(p.numel() for p in model.parameters())}
