@@ -366,7 +366,10 @@ class ModelConfig(_Strict):
 class TrainConfig(_Strict):
     """The `train` step."""
 
-    run_name: Optional[str] = None  # None: '<backbone>|<task>+<task>...'
+    run_name: Optional[str] = None  # None: '<backbone>|<task>+<task>...[|<id scheme>][|<run_tag>][|seed<S>]'
+    # a name part for a variant that differs from the default only in what the name does not
+    # show (loss weights, schedule), so it trains into its own folder, seed replicas included
+    run_tag: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._+=-]+$")
     # nightly fine-tuning: start from the registry's champion (weights + tokenizer) when there is
     # one (the prompted formulation; a timeline model retrains)
     init_from_champion: bool = True

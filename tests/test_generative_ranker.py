@@ -100,6 +100,9 @@ def test_each_train_seed_is_its_own_model(trained):
     own = trained_model_dir(trained)
     assert trained_model_dir(with_overrides(trained, [f"train.seed={trained.seed}"])) == own
     assert trained_model_dir(with_overrides(trained, ["train.seed=7"])).name == own.name + "__seed7"
+    # a variant told apart only by settings the name does not show gets its tag, seeds apart too
+    tagged = with_overrides(trained, ["train.run_tag=sw1", "train.seed=7"])
+    assert trained_model_dir(tagged).name == own.name + "__sw1__seed7"
     cfg = with_overrides(trained, ['evaluate.seeds={"gensar": [7]}'])
     with pytest.raises(FileNotFoundError, match=r"gensar@seed7: no trained model.*__seed7.*--set train\.seed=7"):
         generative_rankers(cfg)

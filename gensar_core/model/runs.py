@@ -17,9 +17,10 @@ def train_seed(cfg: PipelineConfig) -> int:
 
 def run_name(cfg: PipelineConfig, tasks: Sequence[str], label: str) -> str:
     scheme = "" if cfg.corpus.id_scheme == "dual" else f"|{cfg.corpus.id_scheme}-ids"
+    tag = f"|{cfg.train.run_tag}" if cfg.train.run_tag else ""
     # a train seed other than the pipeline's is another model, in its own folder
     seed = "" if train_seed(cfg) == cfg.seed else f"|seed{cfg.train.seed}"
-    return cfg.train.run_name or f"{label}|{'+'.join(tasks)}{scheme}{seed}"
+    return cfg.train.run_name or f"{label}|{'+'.join(tasks)}{scheme}{tag}{seed}"
 
 
 def run_slug(name: str) -> str:

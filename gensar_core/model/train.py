@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 # settings that do not change the trained weights: a rerun that changes only these resumes
-_NO_EFFECT = {"progress", "log_every", "resume", "num_threads", "device", "keep_checkpoints", "run_name"}
+_NO_EFFECT = {"progress", "log_every", "resume", "num_threads", "device", "keep_checkpoints", "run_name", "run_tag"}
 
 
 # ---------------------------------------------------------------- public types
