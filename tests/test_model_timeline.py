@@ -135,7 +135,8 @@ def test_a_task_that_stops_gaining_on_valid_loses_loss_weight():
 
     tcfg = TimelineModelConfig()
     joint = SimpleNamespace(kinds=(REC_ID, QUERY, SEARCH_ID), adhoc=[])
-    assert kind_loss_weights(joint, tcfg, progress.task_scale).tolist() == [0, 0.25, 1, 1]
+    w = tcfg.loss_weights
+    assert kind_loss_weights(joint, tcfg, progress.task_scale).tolist() == [0, w.rec * 0.25, w.query, w.search * 0.5]
     assert kind_loss_weights(SimpleNamespace(kinds=(REC_ID,), adhoc=[]), tcfg, progress.task_scale) is None
 
 
