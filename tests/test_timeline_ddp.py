@@ -40,7 +40,7 @@ def run(tmp_path: Path, cfg, procs: int) -> dict:
     return json.loads(out.read_text())
 
 
-# equal weights take Hugging Face's own mean (the default weighs search 2, so it is spelled out)
+# equal weights take Hugging Face's own mean (the default weighs search 2 and query 0.5, so they are spelled out)
 @pytest.mark.parametrize("loss_weights", [{"search": 1.0, "query": 1.0}, {"search": 2.0, "query": 0.25}], ids=["mean", "weighted"])
 def test_two_processes_train_the_same_model_as_one(tmp_path, loss_weights):
     """Also with per-kind loss weights, where each process divides by the global weight sum."""
