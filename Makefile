@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) bench/quantiser.py
 	$(PY) bench/decode.py
 	$(PY) bench/precision.py
+	$(PY) bench/train_memory.py
 
 clean:
 	rm -rf .gensar

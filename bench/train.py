@@ -67,7 +67,8 @@ class Timeline:
             self.windows = tt.epoch_windows(self.data, self.cfg.model.timeline.max_len,
                                             self.cfg.model.timeline.adhoc_per_item, self.rng)
             self.queue = batches(self.windows, self.cfg.model.timeline.tokens_per_batch, self.rng)
-        batch = collate_windows(self.windows, self.queue.pop(), self.data.tokenizer.pad_token_id, self.loss_weights)
+        batch = collate_windows(self.windows, self.queue.pop(), self.data.tokenizer.pad_token_id, self.loss_weights,
+                                self.cfg.model.timeline.pad_batch_shape)
         lr = tt.lr_at(self.step_no, self.total, self.cfg.train.lr, self.cfg.train.warmup_steps, 0.0)
         tt.train_step(self.model, self.opt, batch, lr, 1.0, lambda: tt.autocast(torch.device("cpu"), "auto"))
         self.step_no += 1

@@ -308,6 +308,9 @@ class TimelineModelConfig(_Strict):
     num_heads: int = Field(4, ge=1)
     num_layers: int = Field(2, ge=1)
     tokens_per_batch: int = Field(8192, ge=64)  # padded tokens per optimizer step (README validation log: 8192 beat 16384)
+    # pad each batch to one of few shapes (timeline.padded_shape): on a CPU with native bf16,
+    # oneDNN keeps kernels and buffers per shape and a training's memory grew without bound
+    pad_batch_shape: bool = True
     adhoc_per_item: int = Field(1, ge=0)   # ad-hoc search windows (pseudo-query -> ID) per item and epoch
     embed_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on token embeddings while training
     # dropout on each attention and MLP output before it joins the residual stream (GPT-2's

@@ -114,6 +114,38 @@ def test_loss_weights_weigh_each_token_kinds_share_of_the_loss():
     assert float(token_loss(model, weighted)) == pytest.approx(want, rel=1e-5)
 
 
+def test_padded_batch_shapes_are_few_and_leave_the_loss_unchanged():
+    """pad_shape pads rows to a multiple of 8 and the width to a power of two (to 64) or a
+    multiple of 64: the padding is after every real token, carries no label and no weight, so
+    the plain and the weighted loss are those of the tight batch."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gensar_core.model.timeline import kind_weights, padded_shape
+    from gensar_core.model.timeline_train import token_loss
+
+    assert [padded_shape(r, w) for r, w in [(1, 1), (8, 9), (9, 64), (16, 65), (3, 512), (17, 500)]] == [
+        (8, 8), (8, 16), (16, 64), (16, 128), (8, 512), (24, 512)]
+    tok, c = codec()
+    events = [{"behavior": "search" if k % 3 == 0 else "rec", "item_id": "i1" if k % 2 else "i2",
+               "query": "action crime"} for k in range(12)]
+    windows = training_windows([c.timeline(events)], max_len=40, rng=np.random.default_rng(0))
+    windows.append(c.adhoc("drama", "i1"))
+    index = list(range(len(windows)))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    for weights in (None, kind_weights(query=0.25)):
+        tight = collate_windows(windows, index, tok.pad_token_id, weights)
+        padded = collate_windows(windows, index, tok.pad_token_id, weights, pad_shape=True)
+        assert tuple(padded["input_ids"].shape) == padded_shape(*tight["input_ids"].shape) != tuple(tight["input_ids"].shape)
+        rows, width = tight["labels"].shape
+        assert torch.equal(padded["labels"][:rows, :width], tight["labels"])
+        assert (padded["labels"][rows:] == IGNORE).all() and (padded["labels"][:, width:] == IGNORE).all()
+        with torch.no_grad():
+            assert float(token_loss(model, padded)) == pytest.approx(float(token_loss(model, tight)), rel=1e-5)
+
+
 # ---------------------------------------------------------------- a real tiny training run
 def test_a_task_that_stops_gaining_on_valid_loses_loss_weight():
     """stale_task_decay: each validation a task does not beat its own best halves its weight;

@@ -202,17 +202,30 @@ def kind_weights(rec: float = 1.0, search: float = 1.0, query: float = 1.0,
     return weights
 
 
-def collate_windows(windows, index: Sequence[int], pad_id: int = 0, weights: Optional[np.ndarray] = None):
+def padded_shape(rows: int, width: int) -> tuple[int, int]:
+    """The batch shape `collate_windows(..., pad_shape=True)` pads (rows, width) up to: rows to a
+    multiple of 8, width to a power of two up to 64 and a multiple of 64 above. Length-bucketed
+    batches otherwise come in ~60 new shapes every epoch, and on a CPU with native bf16 oneDNN
+    keeps kernels and buffers per shape: a default training grew to 5-7 GB (`bench/train_memory.py`)."""
+    width = max(8, 1 << (width - 1).bit_length()) if width <= 64 else -(-width // 64) * 64
+    return -(-rows // 8) * 8, width
+
+
+def collate_windows(windows, index: Sequence[int], pad_id: int = 0, weights: Optional[np.ndarray] = None,
+                    pad_shape: bool = False):
     """A right-padded batch of `windows[index]`; with `weights` (kind_weights), also each
-    position's loss weight, 0 where there is no label."""
+    position's loss weight, 0 where there is no label. `pad_shape`: pad to `padded_shape` (the
+    extra rows and columns are padding: no label, weight 0, after every real token)."""
     import torch
 
     rows = [windows[i] for i in index]
-    width = max(len(w) for w, _, _ in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
-    kinds = np.full((len(rows), width), GIVEN, dtype=np.int8)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
+    n, width = len(rows), max(len(w) for w, _, _ in rows)
+    if pad_shape:
+        n, width = padded_shape(n, width)
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    labels = np.full((n, width), IGNORE, dtype=np.int64)
+    kinds = np.full((n, width), GIVEN, dtype=np.int8)
+    mask = np.zeros((n, width), dtype=np.int64)
     for r, (w, lab, kind) in enumerate(rows):
         ids[r, :len(w)], labels[r, :len(w)], kinds[r, :len(w)], mask[r, :len(w)] = w, lab, kind, 1
     batch = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),

@@ -479,7 +479,8 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
             for index in batches(windows, mcfg.timeline.tokens_per_batch, rng):
                 # every process draws the same global batch and trains on its share of the windows
                 shard = index[dist.rank::dist.world]
-                batch = collate_windows(windows, shard, data.tokenizer.pad_token_id, loss_weights)
+                batch = collate_windows(windows, shard, data.tokenizer.pad_token_id, loss_weights,
+                                        mcfg.timeline.pad_batch_shape)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 lr = lr_at(progress.step, total, tcfg.lr, tcfg.warmup_steps, tcfg.min_lr_ratio)
                 loss = train_step(model, optimizer, batch, lr, tcfg.max_grad_norm, amp, dist)
