@@ -180,7 +180,7 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     loss scale halves at every validation it does not beat its own best."""
     import json
 
-    from gensar_core.config import PipelineConfig
+    from gensar_core.config import PipelineConfig, with_overrides
     from gensar_core.evaluate.context import EvalContext
     from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
     from toy_warehouse import write_toy_warehouse
@@ -214,6 +214,11 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     ids = Warehouse(root).read("identifiers/items")
     ranker = GenerativeRanker(folder, ids, **ranker_settings(cfg))
     assert ranker.timeline is not None and ranker.max_input == 64
+    # model.timeline.prompt_tokens: prompts keep the last events that fit in fewer tokens
+    short = GenerativeRanker(folder, ids, **ranker_settings(with_overrides(cfg, ["model.timeline.prompt_tokens=24"])))
+    rec_cases = EvalContext(cfg).cases("test", "rec")
+    widths = [short.encode(short.prompts(rec_cases, "rec"))[0].shape[1], ranker.encode(ranker.prompts(rec_cases, "rec"))[0].shape[1]]
+    assert short.max_input == 24 and widths[0] <= 24 < widths[1] <= 64
     ctx = EvalContext(cfg)
     for task in ("rec", "search"):
         cases = ctx.cases("test", task)

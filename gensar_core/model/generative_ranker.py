@@ -39,7 +39,8 @@ def ranker_settings(cfg) -> dict:
         # the prompt keeps the most recent ones that fit in the window
         longest = cfg.model.timeline.max_len
         return {"beam_size": cfg.evaluate.beam_size, "scoring": cfg.evaluate.scoring,
-                "max_rec_history": longest, "max_search_history": longest, "max_input_length": longest}
+                "max_rec_history": longest, "max_search_history": longest, "max_input_length": longest,
+                "prompt_tokens": cfg.model.timeline.prompt_tokens}
     return {"beam_size": cfg.evaluate.beam_size, "scoring": cfg.evaluate.scoring,
             "max_rec_history": cfg.corpus.max_rec_history,
             "max_search_history": cfg.corpus.max_search_history,
@@ -52,7 +53,7 @@ class GenerativeRanker:
     def __init__(self, model_dir: str | Path | Backbone, identifiers: pd.DataFrame, *, beam_size: int = 20,
                  scoring: str = "prefix", batch_size: int = 16, max_rec_history: int = 5, max_search_history: int = 5,
                  max_input_length: int = 192, device: Optional[str] = None, name: str = "gensar",
-                 tasks: Sequence[str] = ("rec", "search")):
+                 tasks: Sequence[str] = ("rec", "search"), prompt_tokens: Optional[int] = None):
         # a model folder, or a Backbone in memory (validation during training)
         self.backbone = model_dir if isinstance(model_dir, Backbone) else load_trained(model_dir, device=device)
         self.model, self.tokenizer, self.kind = self.backbone.model, self.backbone.tokenizer, self.backbone.kind
@@ -66,12 +67,14 @@ class GenerativeRanker:
         self.item_idx = ids["item_idx"].to_numpy(np.int64)
         self.item_ids = {str(r.item_id): ItemIds(r.semantic_id, r.collaborative_id) for r in ids.itertuples()}
         # a timeline model (model/timeline.py) reads the whole history, up to its window length
+        # (or the shorter `prompt_tokens`)
         self.timeline = None
         if self.backbone.source.get("formulation") == "timeline":
             from gensar_core.model.timeline import TimelineCodec
 
             self.timeline = TimelineCodec.of(self.tokenizer, self.item_ids)
-            self.max_input = int(self.backbone.source["max_len"])
+            window = int(self.backbone.source["max_len"])
+            self.max_input = min(prompt_tokens or window, window)
         self.sequences, self.index, self.prefix = {}, {}, {}
         for task, (column, behaviour) in TARGET_ID.items():
             full = PrefixIndex.from_identifiers(ids[column].tolist(), self.tokenizer, item_ids=self.item_idx)
