@@ -305,7 +305,7 @@ class TimelineModelConfig(_Strict):
     max_len: int = Field(512, ge=16)       # tokens per training window and per prompt (~80 events)
     # tokens of history a prompt keeps when the model ranks (validation, evaluation, batch
     # scoring, serving), at most max_len; None: max_len. Shorter prompts decode faster (README
-    # validation log 2026-12-07: 256 read off checkpoints selected at 512, search +0.005, rec level)
+    # validation log 2026-12-07: 256 at three seeds, search +0.009, rec -0.0008; not the default yet)
     prompt_tokens: Optional[int] = Field(None, ge=16)
     d_model: int = Field(128, ge=8)
     d_ff: int = Field(512, ge=8)
