@@ -38,7 +38,7 @@ def rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def epoch_windows(rng: np.random.Generator, vocab: int, max_len: int, n: int = 3500) -> list:
+def synthetic_windows(rng: np.random.Generator, vocab: int, max_len: int, n: int = 3500) -> list:
     lengths = np.where(rng.random(n) < 0.35, rng.integers(8, 13, n), rng.integers(30, max_len + 1, n))
     out = []
     for length in lengths:
@@ -59,7 +59,7 @@ def train(pad: bool, steps: int) -> dict:
     queue, windows, real, start, after_warmup, shapes = [], [], 0, 0.0, 0.0, set()
     for step in range(steps):
         if not queue:
-            windows = epoch_windows(rng, len(tokenizer), t.max_len)
+            windows = synthetic_windows(rng, len(tokenizer), t.max_len)
             queue = batches(windows, t.tokens_per_batch, rng)
         index = queue.pop()
         batch = collate_windows(windows, index, tokenizer.pad_token_id, pad_shape=pad)

@@ -21,6 +21,23 @@ def codec():
     return tok, TimelineCodec.of(tok, IDS)
 
 
+def mixed_windows_and_model(max_len: int):
+    """Training windows of a 12-event timeline of both behaviours plus one ad-hoc window, and a
+    seeded one-layer Llama over their vocabulary: (tokenizer, windows, model)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok, c = codec()
+    events = [{"behavior": "search" if k % 3 == 0 else "rec", "item_id": "i1" if k % 2 else "i2",
+               "query": "action crime"} for k in range(12)]
+    windows = training_windows([c.timeline(events)], max_len=max_len, rng=np.random.default_rng(0))
+    windows.append(c.adhoc("drama", "i1"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    return tok, windows, model
+
+
 def test_events_are_written_in_the_papers_tokens_with_loss_on_ids_and_query_words():
     tok, c = codec()
     events = [{"behavior": "rec", "item_id": "i1", "query": None},
@@ -76,19 +93,11 @@ def test_loss_weights_weigh_each_token_kinds_share_of_the_loss():
     """Equal weights are Hugging Face's own mean over supervised tokens; query 0.25 is the
     weighted mean of the per-kind cross-entropy sums, by hand."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from gensar_core.model.timeline import kind_weights
     from gensar_core.model.timeline_train import token_loss
 
-    tok, c = codec()
-    events = [{"behavior": "search" if k % 3 == 0 else "rec", "item_id": "i1" if k % 2 else "i2",
-               "query": "action crime"} for k in range(12)]
-    windows = training_windows([c.timeline(events)], max_len=32, rng=np.random.default_rng(0))
-    windows.append(c.adhoc("drama", "i1"))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    tok, windows, model = mixed_windows_and_model(max_len=32)
     index = list(range(len(windows)))
     assert kind_weights() is None and kind_weights(2.0, 2.0, 2.0) is None
     assert kind_weights(search=2.0, kinds=(REC_ID,)) is None  # one kind: the plain mean
@@ -119,22 +128,14 @@ def test_padded_batch_shapes_are_few_and_leave_the_loss_unchanged():
     multiple of 64: the padding is after every real token, carries no label and no weight, so
     the plain and the weighted loss are those of the tight batch."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from gensar_core.model.timeline import kind_weights, padded_shape
     from gensar_core.model.timeline_train import token_loss
 
     assert [padded_shape(r, w) for r, w in [(1, 1), (8, 9), (9, 64), (16, 65), (3, 512), (17, 500)]] == [
         (8, 8), (8, 16), (16, 64), (16, 128), (8, 512), (24, 512)]
-    tok, c = codec()
-    events = [{"behavior": "search" if k % 3 == 0 else "rec", "item_id": "i1" if k % 2 else "i2",
-               "query": "action crime"} for k in range(12)]
-    windows = training_windows([c.timeline(events)], max_len=40, rng=np.random.default_rng(0))
-    windows.append(c.adhoc("drama", "i1"))
+    tok, windows, model = mixed_windows_and_model(max_len=40)
     index = list(range(len(windows)))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     for weights in (None, kind_weights(query=0.25)):
         tight = collate_windows(windows, index, tok.pad_token_id, weights)
         padded = collate_windows(windows, index, tok.pad_token_id, weights, pad_shape=True)
@@ -216,10 +217,10 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     assert ranker.timeline is not None and ranker.max_input == 64
     # model.timeline.prompt_tokens: prompts keep the last events that fit in fewer tokens
     short = GenerativeRanker(folder, ids, **ranker_settings(with_overrides(cfg, ["model.timeline.prompt_tokens=24"])))
-    rec_cases = EvalContext(cfg).cases("test", "rec")
+    ctx = EvalContext(cfg)
+    rec_cases = ctx.cases("test", "rec")
     widths = [short.encode(short.prompts(rec_cases, "rec"))[0].shape[1], ranker.encode(ranker.prompts(rec_cases, "rec"))[0].shape[1]]
     assert short.max_input == 24 and widths[0] <= 24 < widths[1] <= 64
-    ctx = EvalContext(cfg)
     for task in ("rec", "search"):
         cases = ctx.cases("test", task)
         lists = ranker.rank(cases, task, 5)
