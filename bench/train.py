@@ -52,8 +52,8 @@ class Timeline:
                                      betas=(0.9, 0.98))
         self.rng = np.random.default_rng(0)
         self.step_no, self.queue = 0, []
-        per_epoch = len(batches(tt.epoch_windows(self.data, cfg.model.timeline.max_len, cfg.model.timeline.adhoc_per_item,
-                                                 np.random.default_rng(0)), cfg.model.timeline.tokens_per_batch, self.rng))
+        per_epoch = len(batches(tt.epoch_windows(self.data, cfg.model.timeline, np.random.default_rng(0)),
+                                cfg.model.timeline.tokens_per_batch, self.rng))
         self.total = per_epoch * cfg.train.epochs  # the schedule of a full training run
         self.id_tokens = torch.tensor(sorted({int(t) for ids, kinds, _ in self.data.timelines
                                               for t in ids[np.isin(kinds, (REC_ID, SEARCH_ID))]}))
@@ -64,8 +64,7 @@ class Timeline:
 
     def step(self) -> int:
         if not self.queue:
-            self.windows = tt.epoch_windows(self.data, self.cfg.model.timeline.max_len,
-                                            self.cfg.model.timeline.adhoc_per_item, self.rng)
+            self.windows = tt.epoch_windows(self.data, self.cfg.model.timeline, self.rng)
             self.queue = batches(self.windows, self.cfg.model.timeline.tokens_per_batch, self.rng)
         batch = collate_windows(self.windows, self.queue.pop(), self.data.tokenizer.pad_token_id, self.loss_weights,
                                 self.cfg.model.timeline.pad_batch_shape)

@@ -316,6 +316,10 @@ class TimelineModelConfig(_Strict):
     # oneDNN keeps kernels and buffers per shape and a training's memory grew without bound
     pad_batch_shape: bool = True
     adhoc_per_item: int = Field(1, ge=0)   # ad-hoc search windows (pseudo-query -> ID) per item and epoch
+    # the share of search events, drawn afresh each epoch, that a training timeline writes as
+    # recommendation clicks (`<rec_item>` + collaborative ID) when rec is trained: recommendation
+    # then learns the next item at searches too, at the cost of as many search examples
+    search_as_rec: float = Field(0.0, ge=0, le=1)
     embed_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on token embeddings while training
     # dropout on each attention and MLP output before it joins the residual stream (GPT-2's
     # resid_pdrop, SASRec's dropout), while training; attention itself stays on its flash kernel

@@ -373,3 +373,36 @@ def test_weight_average_is_bias_corrected_and_restores_the_trained_weights():
             torch.testing.assert_close(p, torch.full_like(p, expected))
     for p in model.parameters():
         torch.testing.assert_close(p, torch.full_like(p, 4.0))
+
+
+def test_searches_written_as_rec_clicks_add_rec_targets_only_when_rec_is_trained():
+    from types import SimpleNamespace
+
+    from gensar_core.config import TimelineModelConfig
+    from gensar_core.model.timeline import searches_as_rec
+    from gensar_core.model.timeline_train import epoch_windows
+
+    tok, c = codec()
+    events = [{"behavior": "search" if k % 2 else "rec", "item_id": "i1" if k % 3 else "i2",
+               "query": "action crime" if k % 2 else None} for k in range(60)]
+    rng = np.random.default_rng(0)
+    assert searches_as_rec(events, 0.0, rng) == events
+    flipped = searches_as_rec(events, 1.0, rng)
+    assert [e["item_id"] for e in flipped] == [e["item_id"] for e in events]
+    assert all(e["behavior"] == "rec" and e["query"] is None for e in flipped)
+
+    def kind_counts(kinds, share):
+        data = SimpleNamespace(timelines=[c.timeline(events)], events=[events], codec=c, kinds=kinds, adhoc=[])
+        cfg = TimelineModelConfig(max_len=64, search_as_rec=share)
+        labelled = [kind[lab != IGNORE] for _, lab, kind in epoch_windows(data, cfg, np.random.default_rng(1))]
+        flat = np.concatenate(labelled)
+        return int((flat == REC_ID).sum()), int((flat == SEARCH_ID).sum())
+
+    joint = supervised_kinds(["rec", "search"])
+    rec_before, search_before = kind_counts(joint, 0.0)
+    rec_after, search_after = kind_counts(joint, 0.5)
+    # each search written as a click moves one 4-token ID from the search task to the rec task
+    assert rec_after > rec_before and rec_after - rec_before == search_before - search_after
+    # a model that does not learn rec keeps its searches
+    search_only = supervised_kinds(["search"])
+    assert kind_counts(search_only, 0.5) == kind_counts(search_only, 0.0)

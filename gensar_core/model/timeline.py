@@ -142,6 +142,15 @@ class TimelineCodec:
         return self._words
 
 
+def searches_as_rec(events: Sequence[Mapping], share: float, rng: np.random.Generator) -> list[Mapping]:
+    """`events` with each search, with probability `share`, written as a recommendation click of
+    the same item: a searched item is also the user's next item, so recommendation learns from
+    every click (as SASRec and the collaborative embedding do), not from recommendation clicks alone."""
+    flip = rng.random(len(events)) < share
+    return [{"behavior": "rec", "item_id": e["item_id"], "query": None} if f and e["behavior"] == "search" else e
+            for e, f in zip(events, flip)]
+
+
 def training_windows(timelines: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], max_len: int,
                      rng: np.random.Generator, kinds: Sequence[int] = (REC_ID, QUERY, SEARCH_ID)
                      ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

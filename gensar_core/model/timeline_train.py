@@ -51,6 +51,7 @@ class TimelineData:
     tokenizer: object
     codec: object
     timelines: list            # (ids, kinds, starts) per user
+    events: list               # the events each timeline is written from (dicts), per user
     adhoc: list                # (item_id, pseudo-query) pairs
     identifiers: pd.DataFrame  # with the id scheme applied
     kinds: tuple               # supervised token kinds
@@ -68,7 +69,8 @@ def load_data(cfg: PipelineConfig) -> TimelineData:
     item_ids = item_identifier_map(identifiers)
     tokenizer = build_tokenizer(train.loc[train["behavior"] == "search", "query"], added_tokens(cfg))
     codec = TimelineCodec.of(tokenizer, item_ids)
-    timelines = [codec.timeline(events) for events in user_events(train).values()]
+    events = list(user_events(train).values())
+    timelines = [codec.timeline(user) for user in events]
     tasks = enabled_tasks(cfg.corpus)
     adhoc = []
     if "adhoc" in tasks and cfg.model.timeline.adhoc_per_item:
@@ -79,19 +81,25 @@ def load_data(cfg: PipelineConfig) -> TimelineData:
     kinds = supervised_kinds(tasks)
     if not kinds and not adhoc:
         raise ValueError(f"tasks {tasks}: nothing for the timeline model to learn (enable rec, search or query)")
-    return TimelineData(tokenizer, codec, timelines, adhoc, identifiers, kinds)
+    return TimelineData(tokenizer, codec, timelines, events, adhoc, identifiers, kinds)
 
 
-def epoch_windows(data: TimelineData, max_len: int, adhoc_per_item: int, rng: np.random.Generator) -> list:
-    from gensar_core.model.timeline import training_windows
+def epoch_windows(data: TimelineData, tcfg, rng: np.random.Generator) -> list:
+    """One epoch's training windows (`tcfg`: model.timeline): the timelines re-cut, with a share
+    `search_as_rec` of the search events, drawn afresh, written as recommendation clicks when rec
+    is trained; then `adhoc_per_item` ad-hoc windows per item."""
+    from gensar_core.model.timeline import REC_ID, searches_as_rec, training_windows
 
-    windows = training_windows(data.timelines, max_len, rng, data.kinds) if data.kinds else []
-    if data.adhoc and adhoc_per_item:
+    timelines = data.timelines
+    if tcfg.search_as_rec and REC_ID in data.kinds:
+        timelines = [data.codec.timeline(searches_as_rec(user, tcfg.search_as_rec, rng)) for user in data.events]
+    windows = training_windows(timelines, tcfg.max_len, rng, data.kinds) if data.kinds else []
+    if data.adhoc and tcfg.adhoc_per_item:
         by_item: dict[str, list[str]] = {}
         for item, query in data.adhoc:
             by_item.setdefault(item, []).append(query)
         for item in sorted(by_item):
-            for q in rng.choice(by_item[item], size=adhoc_per_item):
+            for q in rng.choice(by_item[item], size=tcfg.adhoc_per_item):
                 windows.append(data.codec.adhoc(str(q), item))
     return windows
 
@@ -440,8 +448,8 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     cases = valid_cases(cfg, tcfg.max_valid_examples) if dist.main else None
 
     rng = np.random.default_rng(seed)
-    steps_per_epoch = len(batches(epoch_windows(data, mcfg.timeline.max_len, mcfg.timeline.adhoc_per_item,
-                                                np.random.default_rng(seed)), mcfg.timeline.tokens_per_batch, rng))
+    steps_per_epoch = len(batches(epoch_windows(data, mcfg.timeline, np.random.default_rng(seed)),
+                                  mcfg.timeline.tokens_per_batch, rng))
     total = steps_per_epoch * tcfg.epochs if not tcfg.max_steps else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     amp = lambda: autocast(device, tcfg.mixed_precision)  # noqa: E731
@@ -475,7 +483,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
         progress = Progress()
         stop = False
         while progress.step < total and not stop:
-            windows = epoch_windows(data, mcfg.timeline.max_len, mcfg.timeline.adhoc_per_item, rng)
+            windows = epoch_windows(data, mcfg.timeline, rng)
             for index in batches(windows, mcfg.timeline.tokens_per_batch, rng):
                 # every process draws the same global batch and trains on its share of the windows
                 shard = index[dist.rank::dist.world]
