@@ -316,6 +316,8 @@ class TimelineModelConfig(_Strict):
     # oneDNN keeps kernels and buffers per shape and a training's memory grew without bound
     pad_batch_shape: bool = True
     adhoc_per_item: int = Field(1, ge=0)   # ad-hoc search windows (pseudo-query -> ID) per item and epoch
+    # one token per item, written after its ID in the history (context only, never predicted)
+    item_tokens: bool = False
     # the share of search events, drawn afresh each epoch, that a training timeline writes as
     # recommendation clicks (`<rec_item>` + collaborative ID) when rec is trained: recommendation
     # then learns the next item at searches too, at the cost of as many search examples

@@ -406,3 +406,26 @@ def test_searches_written_as_rec_clicks_add_rec_targets_only_when_rec_is_trained
     # a model that does not learn rec keeps its searches
     search_only = supervised_kinds(["search"])
     assert kind_counts(search_only, 0.5) == kind_counts(search_only, 0.0)
+
+
+def test_item_tokens_follow_each_id_as_context_only():
+    from gensar_core.model.timeline import item_token
+
+    tok = build_tokenizer(["action crime"], TOKENS + sorted(item_token(i) for i in IDS.values()))
+    c = TimelineCodec.of(tok, IDS)
+    assert c.item_tokens and not codec()[1].item_tokens
+    events = [{"behavior": "rec", "item_id": "i1", "query": None},
+              {"behavior": "search", "item_id": "i2", "query": "action"}]
+    ids, kinds, starts = c.timeline(events)
+    words = tok.convert_ids_to_tokens(ids.tolist())
+    assert words == [REC_ITEM, "<a_0>", "<b_1>", "<c_4>", "<d_5>", "<item_a0b1c4d5>",
+                     SRC_QUERY, "action", SRC_ITEM, "<a_1>", "<b_0>", "<s_0>", "<t_0>", "<item_a1b0c0d0>"]
+    assert kinds[5] == GIVEN and kinds[-1] == GIVEN and starts.tolist() == [0, 6]
+    windows = training_windows([(ids, kinds, starts)], max_len=32, rng=np.random.default_rng(0))
+    item_ids = {tok.convert_tokens_to_ids(t) for t in ("<item_a0b1c4d5>", "<item_a1b0c0d0>")}
+    assert not item_ids & {int(t) for _, lab, _ in windows for t in lab[lab != IGNORE]}
+    # a prompt keeps whole events, item tokens included; an item the vocabulary lacks reads <unk>
+    text = c.prompt(events, "rec", None, max_len=32)
+    assert tok.convert_ids_to_tokens(tok(text)["input_ids"]) == [BOS] + words
+    newer = TimelineCodec(c.vocab, {**IDS, "i3": ItemIds("<a_2><b_2><s_2><t_2>", "<a_2><b_2><c_2><d_2>")}, True)
+    assert newer.timeline([{"behavior": "rec", "item_id": "i3", "query": None}])[0][-1] == tok.unk_token_id

@@ -17,6 +17,9 @@ model's job: the caller asks for one).
 
 The tokenizer is word-level: behaviour tokens, identifier tokens and the query words seen in
 train, whitespace-separated, so every token of the format is one id and there is no BPE to learn.
+With `model.timeline.item_tokens` every item also has one token of its own, written after its ID
+in the history as context (never predicted): the model reads an item at once instead of
+assembling it from four codes.
 At decoding time a prompt is the user's timeline, then `<rec_item>` (recommendation) or
 `<src_query>` query `<src_item>` (search), and constrained beam search writes the ID.
 """
@@ -32,6 +35,7 @@ from gensar_core.model.prompts import ItemIds
 from gensar_core.model.vocab import BEHAVIOUR_TOKENS, REC_ITEM, SRC_ITEM, SRC_QUERY
 
 PAD, BOS, UNK = "<pad>", "<s>", "<unk>"
+ITEM_TOKEN_PREFIX = "<item_"
 SPECIAL = (PAD, BOS, UNK)
 IGNORE = -100
 # what each token of a timeline is, so a task switched off loses its loss but keeps its context
@@ -52,6 +56,13 @@ def id_tokens(identifier: str) -> list[str]:
     from gensar_core.identifiers.naming import parse_id
 
     return [f"<{letter}_{code}>" for letter, code in parse_id(identifier)]
+
+
+def item_token(ids: ItemIds) -> str:
+    """The item's own token, named by its collaborative ID (unique per item): `<item_a0b1c4d5>`."""
+    from gensar_core.identifiers.naming import parse_id
+
+    return ITEM_TOKEN_PREFIX + "".join(f"{letter}{code}" for letter, code in parse_id(ids.collaborative_id)) + ">"
 
 
 def build_tokenizer(queries: Iterable[Optional[str]], extra_tokens: Sequence[str], min_count: int = 1):
@@ -76,10 +87,12 @@ class TimelineCodec:
 
     vocab: Mapping[str, int]
     item_ids: Mapping[str, ItemIds]
+    item_tokens: bool = False  # each event ends with its item's token (the vocabulary has them)
 
     @classmethod
     def of(cls, tokenizer, item_ids: Mapping[str, ItemIds]) -> "TimelineCodec":
-        return cls(tokenizer.get_vocab(), item_ids)
+        vocab = tokenizer.get_vocab()
+        return cls(vocab, item_ids, any(t.startswith(ITEM_TOKEN_PREFIX) for t in vocab))
 
     def _ids(self, tokens: Sequence[str]) -> list[int]:
         unk = self.vocab[UNK]
@@ -88,13 +101,15 @@ class TimelineCodec:
     def event(self, behavior: str, item_id: str, query: Optional[str]) -> tuple[list[int], list[int]]:
         """(token ids, token kinds) of one event."""
         ids = self.item_ids[str(item_id)]
+        item = [item_token(ids)] if self.item_tokens else []  # an item newer than the model: <unk>
         if behavior == "rec":
             code = id_tokens(ids.collaborative_id)
-            return self._ids([REC_ITEM] + code), [GIVEN] + [REC_ID] * len(code)
+            return self._ids([REC_ITEM] + code + item), [GIVEN] + [REC_ID] * len(code) + [GIVEN] * len(item)
         if behavior == "search":
             words, code = query_words(query), id_tokens(ids.semantic_id)
-            toks = [SRC_QUERY] + words + [SRC_ITEM] + code
-            return self._ids(toks), [GIVEN] + [QUERY] * (len(words) + 1) + [SEARCH_ID] * len(code)
+            toks = [SRC_QUERY] + words + [SRC_ITEM] + code + item
+            kinds = [GIVEN] + [QUERY] * (len(words) + 1) + [SEARCH_ID] * len(code) + [GIVEN] * len(item)
+            return self._ids(toks), kinds
         raise ValueError(f"unknown behaviour {behavior!r}")
 
     def timeline(self, events: Iterable[Mapping]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

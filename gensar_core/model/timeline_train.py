@@ -60,14 +60,17 @@ class TimelineData:
 def load_data(cfg: PipelineConfig) -> TimelineData:
     from gensar_core.model.corpus import apply_id_scheme, enabled_tasks, item_identifier_map, pseudo_queries
     from gensar_core.evaluate.context import user_events
-    from gensar_core.model.timeline import TimelineCodec, build_tokenizer, supervised_kinds
+    from gensar_core.model.timeline import TimelineCodec, build_tokenizer, item_token, supervised_kinds
     from gensar_core.model.vocab import added_tokens
 
     wh = Warehouse(cfg.warehouse)
     train = wh.read("splits/train")
     identifiers = apply_id_scheme(wh.read("identifiers/items"), cfg.corpus.id_scheme)
     item_ids = item_identifier_map(identifiers)
-    tokenizer = build_tokenizer(train.loc[train["behavior"] == "search", "query"], added_tokens(cfg))
+    extra = added_tokens(cfg)
+    if cfg.model.timeline.item_tokens:
+        extra += sorted(item_token(ids) for ids in item_ids.values())
+    tokenizer = build_tokenizer(train.loc[train["behavior"] == "search", "query"], extra)
     codec = TimelineCodec.of(tokenizer, item_ids)
     events = list(user_events(train).values())
     timelines = [codec.timeline(user) for user in events]
