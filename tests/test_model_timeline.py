@@ -173,12 +173,14 @@ def test_a_task_that_stops_gaining_on_valid_loses_loss_weight():
     assert kind_loss_weights(SimpleNamespace(kinds=(REC_ID,), adhoc=[]), tcfg, progress.task_scale) is None
 
 
-@pytest.mark.parametrize("select,ema,decay", [("mean", None, 1.0), ("geomean", 0.9, 0.5)])
+@pytest.mark.parametrize("select,ema,decay,item_tokens", [("mean", None, 1.0, False), ("geomean", 0.9, 0.5, True)])
 def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whole_histories(tmp_path, monkeypatch,
-                                                                                          select, ema, decay):
+                                                                                          select, ema, decay,
+                                                                                          item_tokens):
     """The kept checkpoint is the best by the configured selection number; with a weight average
     it is the average that is validated and saved; with stale_task_decay each task's recorded
-    loss scale halves at every validation it does not beat its own best."""
+    loss scale halves at every validation it does not beat its own best; a model trained with
+    item tokens ranks with them (its saved vocabulary says so)."""
     import json
 
     from gensar_core.config import PipelineConfig, with_overrides
@@ -196,7 +198,7 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
         "model": {"formulation": "timeline", "timeline": {"init_ids_from_codes": False, "max_len": 64, "d_model": 32, "d_ff": 64, "num_heads": 2,
                                                           "num_layers": 1, "tokens_per_batch": 512,
                                                           "select": select, "ema_decay": ema,
-                                                          "stale_task_decay": decay}},
+                                                          "stale_task_decay": decay, "item_tokens": item_tokens}},
         "train": {"epochs": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 3, "patience": 0, "progress": False},
         "evaluate": {"beam_size": 8}})
     result = run_train_timeline(cfg)
@@ -214,7 +216,7 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
 
     ids = Warehouse(root).read("identifiers/items")
     ranker = GenerativeRanker(folder, ids, **ranker_settings(cfg))
-    assert ranker.timeline is not None and ranker.max_input == 64
+    assert ranker.timeline is not None and ranker.max_input == 64 and ranker.timeline.item_tokens == item_tokens
     # model.timeline.prompt_tokens: prompts keep the last events that fit in fewer tokens
     short = GenerativeRanker(folder, ids, **ranker_settings(with_overrides(cfg, ["model.timeline.prompt_tokens=24"])))
     ctx = EvalContext(cfg)
