@@ -318,6 +318,8 @@ class TimelineModelConfig(_Strict):
     adhoc_per_item: int = Field(1, ge=0)   # ad-hoc search windows (pseudo-query -> ID) per item and epoch
     # one token per item, written after its ID in the history (context only, never predicted)
     item_tokens: bool = False
+    # item tokens start from the collaborative item vectors (features/collaborative), not random
+    init_items_from_vectors: bool = True
     # the share of search events, drawn afresh each epoch, that a training timeline writes as
     # recommendation clicks (`<rec_item>` + collaborative ID) when rec is trained: recommendation
     # then learns the next item at searches too, at the cost of as many search examples

@@ -193,6 +193,12 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     monkeypatch.setenv("GENSAR_HOME", str(tmp_path))
     root = tmp_path / "warehouse"
     write_toy_warehouse(root, n_users=24, n_items=30, events_per_user=12, seed=1)
+    if item_tokens:  # the collaborative item vectors the item tokens start from
+        from gensar_core.embed.vectors import vectors_table
+        from gensar_core.storage import write_table
+
+        write_table(vectors_table(np.arange(30), np.random.default_rng(0).normal(size=(30, 6)).astype(np.float32)),
+                    root / "features" / "collaborative")
     cfg = PipelineConfig.model_validate({
         "warehouse": str(root), "identifiers": {"codebook_size": 8}, "tracking": {"enabled": False},
         "model": {"formulation": "timeline", "timeline": {"init_ids_from_codes": False, "max_len": 64, "d_model": 32, "d_ff": 64, "num_heads": 2,
@@ -431,3 +437,25 @@ def test_item_tokens_follow_each_id_as_context_only():
     assert tok.convert_ids_to_tokens(tok(text)["input_ids"]) == [BOS] + words
     newer = TimelineCodec(c.vocab, {**IDS, "i3": ItemIds("<a_2><b_2><s_2><t_2>", "<a_2><b_2><c_2><d_2>")}, True)
     assert newer.timeline([{"behavior": "rec", "item_id": "i3", "query": None}])[0][-1] == tok.unk_token_id
+
+
+def test_item_tokens_start_from_the_collaborative_vectors_with_distances_kept():
+    import pandas as pd
+
+    from gensar_core.model.timeline import item_token
+    from gensar_core.model.timeline_train import init_item_embeddings
+
+    items = {**IDS, "i3": ItemIds("<a_2><b_2><s_2><t_2>", "<a_2><b_2><c_2><d_2>"),
+             "i4": ItemIds("<a_3><b_3><s_3><t_3>", "<a_3><b_3><c_3><d_3>")}
+    tok = build_tokenizer([], TOKENS + sorted(item_token(items[i]) for i in ("i1", "i2", "i3")))
+    model = mixed_windows_and_model(max_len=32)[2]
+    model.resize_token_embeddings(len(tok))
+    identifiers = pd.DataFrame({"item_idx": range(4), "item_id": list(items),
+                                "semantic_id": [v.semantic_id for v in items.values()],
+                                "collaborative_id": [v.collaborative_id for v in items.values()]})
+    vectors = pd.DataFrame({"item_idx": [0, 1, 2, 3], "vector": [[3.0, 0.0, 4.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0],
+                                                                 [1.0, 1.0, 1.0]]})
+    assert init_item_embeddings(model, tok, identifiers, vectors, seed=0) == 3  # i4 has no token
+    rows = model.get_input_embeddings().weight[tok.convert_tokens_to_ids([item_token(items[i]) for i in ("i1", "i2", "i3")])]
+    # one scale for the whole table: distances keep their ratios (5 : 1 between these pairs)
+    assert float((rows[0] - rows[1]).norm() / (rows[1] - rows[2]).norm()) == pytest.approx(5.0, rel=1e-4)

@@ -151,12 +151,19 @@ def output_dropout(p: float):
     return hook
 
 
+def projected(vectors: torch.Tensor, width: int, std: float, generator: torch.Generator) -> torch.Tensor:
+    """[N, dim] vectors mapped to [N, width] by a seeded random orthonormal projection (distances
+    kept) and scaled to the embedding's init std."""
+    projection, _ = torch.linalg.qr(torch.randn(width, vectors.shape[1], generator=generator))
+    out = vectors @ projection.T
+    return out / out.std().clamp_min(1e-8) * std
+
+
 @torch.no_grad()
 def init_id_embeddings(model, tokenizer, quantiser, seed: int) -> int:
     """Start each identifier token's embedding from its code vector in the quantiser: codes near
     each other in a codebook start near each other. A level's codebook [K, dim] is mapped to the
-    model's width by a seeded random orthonormal projection (distances kept) and scaled to the
-    embedding's init std. Returns the number of rows set."""
+    model's width by `projected`. Returns the number of rows set."""
     from gensar_core.identifiers.naming import token_letters
 
     spec = quantiser.spec
@@ -170,11 +177,8 @@ def init_id_embeddings(model, tokenizer, quantiser, seed: int) -> int:
     std = float(getattr(model.config, "initializer_range", 0.02))
     rows = 0
     for stack, level, letter in levels:
-        codes = stack.codebooks[level].detach().float().cpu()
-        projection, _ = torch.linalg.qr(torch.randn(weight.shape[1], codes.shape[1], generator=generator))
-        vectors = codes @ projection.T  # [K, d_model]
-        vectors = vectors / vectors.std().clamp_min(1e-8) * std
-        for code in range(codes.shape[0]):
+        vectors = projected(stack.codebooks[level].detach().float().cpu(), weight.shape[1], std, generator)
+        for code in range(vectors.shape[0]):
             token = vocab.get(f"<{letter}_{code}>")
             if token is not None:
                 weight[token] = vectors[code].to(weight.dtype)
@@ -182,9 +186,32 @@ def init_id_embeddings(model, tokenizer, quantiser, seed: int) -> int:
     return rows
 
 
-def initial_model(tokenizer, mcfg, wh: Warehouse, seed: int):
+@torch.no_grad()
+def init_item_embeddings(model, tokenizer, identifiers: pd.DataFrame, collaborative: pd.DataFrame, seed: int) -> int:
+    """Start each item token's embedding from the item's collaborative vector (the SASRec item
+    table its collaborative ID was learned from), mapped by `projected`. Returns the rows set."""
+    from gensar_core.model.prompts import ItemIds
+    from gensar_core.model.timeline import item_token
+
+    weight = model.get_input_embeddings().weight
+    vocab = tokenizer.get_vocab()
+    vectors = dict(zip(collaborative["item_idx"].astype(int), collaborative["vector"]))
+    rows = [(vocab.get(item_token(ItemIds(r.semantic_id, r.collaborative_id))), vectors.get(int(r.item_idx)))
+            for r in identifiers.itertuples()]
+    rows = [(token, v) for token, v in rows if token is not None and v is not None]
+    if not rows:
+        return 0
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    matrix = torch.tensor(np.stack([np.asarray(v, np.float32) for _, v in rows]))
+    out = projected(matrix, weight.shape[1], std, torch.Generator().manual_seed(seed + 1))
+    weight[torch.tensor([token for token, _ in rows])] = out.to(weight.dtype)
+    return len(rows)
+
+
+def initial_model(tokenizer, mcfg, wh: Warehouse, seed: int, identifiers: Optional[pd.DataFrame] = None):
     """The model training starts from: seeded, with the identifier embeddings taken from the
-    warehouse's quantiser when `model.timeline.init_ids_from_codes`."""
+    warehouse's quantiser when `model.timeline.init_ids_from_codes`, and the item tokens' from the
+    collaborative item vectors when `model.timeline.item_tokens` and `init_items_from_vectors`."""
     model = build_model(tokenizer, mcfg, seed)
     if mcfg.timeline.init_ids_from_codes:
         from gensar_core.identifiers.checkpoint import load_quantiser
@@ -195,6 +222,9 @@ def initial_model(tokenizer, mcfg, wh: Warehouse, seed: int):
                                     f"writes to {folder} (run that step, or set the option false)")
         rows = init_id_embeddings(model, tokenizer, load_quantiser(folder), seed)
         log.info("%d identifier token embeddings start from the quantiser's code vectors", rows)
+    if mcfg.timeline.item_tokens and mcfg.timeline.init_items_from_vectors and identifiers is not None:
+        rows = init_item_embeddings(model, tokenizer, identifiers, wh.read("features/collaborative"), seed)
+        log.info("%d item token embeddings start from the collaborative item vectors", rows)
     return model
 
 
@@ -441,7 +471,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     wh = Warehouse(cfg.warehouse)
 
     data = load_data(cfg)
-    model = initial_model(data.tokenizer, mcfg, wh, seed).to(device)
+    model = initial_model(data.tokenizer, mcfg, wh, seed, data.identifiers).to(device)
     model.train()
     source = {"formulation": "timeline", "max_len": mcfg.timeline.max_len, **mcfg.timeline.model_dump()}
     backbone = Backbone(model=model, tokenizer=data.tokenizer, kind="causal", label=backbone_label(mcfg),
