@@ -422,6 +422,7 @@ def test_item_tokens_follow_each_id_as_context_only():
     tok = build_tokenizer(["action crime"], TOKENS + sorted(item_token(i) for i in IDS.values()))
     c = TimelineCodec.of(tok, IDS)
     assert c.item_tokens and not codec()[1].item_tokens
+    assert not TimelineCodec.of(build_tokenizer(["<item_x> crime"], TOKENS), IDS).item_tokens
     events = [{"behavior": "rec", "item_id": "i1", "query": None},
               {"behavior": "search", "item_id": "i2", "query": "action"}]
     ids, kinds, starts = c.timeline(events)

@@ -73,7 +73,10 @@ def build_tokenizer(queries: Iterable[Optional[str]], extra_tokens: Sequence[str
 
     counts = Counter(w for q in queries for w in query_words(q))
     fixed = list(SPECIAL) + [t for t in BEHAVIOUR_TOKENS] + [t for t in extra_tokens if t not in BEHAVIOUR_TOKENS]
-    words = [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count and w not in fixed]
+    # a query word that looks like an item token stays out (<unk>): the codec tells a model with
+    # item tokens by that prefix in its vocabulary
+    words = [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+             if c >= min_count and w not in fixed and not w.startswith(ITEM_TOKEN_PREFIX)]
     vocab = {tok: i for i, tok in enumerate(fixed + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -208,7 +208,7 @@ def init_item_embeddings(model, tokenizer, identifiers: pd.DataFrame, collaborat
     return len(rows)
 
 
-def initial_model(tokenizer, mcfg, wh: Warehouse, seed: int, identifiers: Optional[pd.DataFrame] = None):
+def initial_model(tokenizer, mcfg, wh: Warehouse, seed: int, identifiers: pd.DataFrame):
     """The model training starts from: seeded, with the identifier embeddings taken from the
     warehouse's quantiser when `model.timeline.init_ids_from_codes`, and the item tokens' from the
     collaborative item vectors when `model.timeline.item_tokens` and `init_items_from_vectors`."""
@@ -222,7 +222,7 @@ def initial_model(tokenizer, mcfg, wh: Warehouse, seed: int, identifiers: Option
                                     f"writes to {folder} (run that step, or set the option false)")
         rows = init_id_embeddings(model, tokenizer, load_quantiser(folder), seed)
         log.info("%d identifier token embeddings start from the quantiser's code vectors", rows)
-    if mcfg.timeline.item_tokens and mcfg.timeline.init_items_from_vectors and identifiers is not None:
+    if mcfg.timeline.item_tokens and mcfg.timeline.init_items_from_vectors:
         rows = init_item_embeddings(model, tokenizer, identifiers, wh.read("features/collaborative"), seed)
         log.info("%d item token embeddings start from the collaborative item vectors", rows)
     return model
