@@ -297,6 +297,9 @@ class TimelineLossWeights(_Strict):
     # 0.5 chosen on valid at three train seeds (fifth 2026-12-03 session): query words are an
     # auxiliary task, not ranked; at half weight both ranking tasks gained
     query: float = Field(0.5, gt=0)
+    # the other identifier's own codes that `model.timeline.history_ids` writes after each ID
+    # (alignment of the two IDs inside the timeline; the `align` task; 0: context only)
+    align: float = Field(0.5, ge=0)
 
 
 class TimelineModelConfig(_Strict):
@@ -322,6 +325,11 @@ class TimelineModelConfig(_Strict):
     item_tokens: bool = False
     # item tokens start from the collaborative item vectors (features/collaborative), not random
     init_items_from_vectors: bool = True
+    # each event also carries the codes of its item's other identifier that its own lacks (the
+    # collaborative suffix after a search's semantic ID, the semantic suffix after a click's
+    # collaborative ID): recommendation reads searched items by their collaborative codes, search
+    # reads clicked items by their semantic ones; with the `align` task they get a loss
+    history_ids: bool = False
     # the share of search events, drawn afresh each epoch, that a training timeline writes as
     # recommendation clicks (`<rec_item>` + collaborative ID) when rec is trained: recommendation
     # then learns the next item at searches too, at the cost of as many search examples

@@ -101,7 +101,7 @@ def test_loss_weights_weigh_each_token_kinds_share_of_the_loss():
     index = list(range(len(windows)))
     assert kind_weights() is None and kind_weights(2.0, 2.0, 2.0) is None
     assert kind_weights(search=2.0, kinds=(REC_ID,)) is None  # one kind: the plain mean
-    assert kind_weights(search=2.0, kinds=(REC_ID, SEARCH_ID)).tolist() == [0, 1, 1, 2]
+    assert kind_weights(search=2.0, kinds=(REC_ID, SEARCH_ID)).tolist() == [0, 1, 1, 2, 1]
     plain = token_loss(model, collate_windows(windows, index, tok.pad_token_id))
     ones = token_loss(model, collate_windows(windows, index, tok.pad_token_id, np.array([0, 1, 1, 1], np.float32)))
     assert torch.allclose(plain, ones, atol=1e-6)
@@ -169,7 +169,7 @@ def test_a_task_that_stops_gaining_on_valid_loses_loss_weight():
     tcfg = TimelineModelConfig()
     joint = SimpleNamespace(kinds=(REC_ID, QUERY, SEARCH_ID), adhoc=[])
     w = tcfg.loss_weights
-    assert kind_loss_weights(joint, tcfg, progress.task_scale).tolist() == [0, w.rec * 0.25, w.query, w.search * 0.5]
+    assert kind_loss_weights(joint, tcfg, progress.task_scale).tolist() == [0, w.rec * 0.25, w.query, w.search * 0.5, w.align]
     assert kind_loss_weights(SimpleNamespace(kinds=(REC_ID,), adhoc=[]), tcfg, progress.task_scale) is None
 
 
@@ -180,7 +180,7 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     """The kept checkpoint is the best by the configured selection number; with a weight average
     it is the average that is validated and saved; with stale_task_decay each task's recorded
     loss scale halves at every validation it does not beat its own best; a model trained with
-    item tokens ranks with them (its saved vocabulary says so)."""
+    item tokens and both IDs in its history ranks with them (its saved folder says so)."""
     import json
 
     from gensar_core.config import PipelineConfig, with_overrides
@@ -204,7 +204,8 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
         "model": {"formulation": "timeline", "timeline": {"init_ids_from_codes": False, "max_len": 64, "d_model": 32, "d_ff": 64, "num_heads": 2,
                                                           "num_layers": 1, "tokens_per_batch": 512,
                                                           "select": select, "ema_decay": ema,
-                                                          "stale_task_decay": decay, "item_tokens": item_tokens}},
+                                                          "stale_task_decay": decay, "item_tokens": item_tokens,
+                                                          "history_ids": item_tokens}},
         "train": {"epochs": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 3, "patience": 0, "progress": False},
         "evaluate": {"beam_size": 8}})
     result = run_train_timeline(cfg)
@@ -222,7 +223,8 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
 
     ids = Warehouse(root).read("identifiers/items")
     ranker = GenerativeRanker(folder, ids, **ranker_settings(cfg))
-    assert ranker.timeline is not None and ranker.max_input == 64 and ranker.timeline.item_tokens == item_tokens
+    assert ranker.timeline is not None and ranker.max_input == 64
+    assert ranker.timeline.item_tokens == ranker.timeline.history_ids == item_tokens
     # model.timeline.prompt_tokens: prompts keep the last events that fit in fewer tokens
     short = GenerativeRanker(folder, ids, **ranker_settings(with_overrides(cfg, ["model.timeline.prompt_tokens=24"])))
     ctx = EvalContext(cfg)
@@ -438,6 +440,32 @@ def test_item_tokens_follow_each_id_as_context_only():
     assert tok.convert_ids_to_tokens(tok(text)["input_ids"]) == [BOS] + words
     newer = TimelineCodec(c.vocab, {**IDS, "i3": ItemIds("<a_2><b_2><s_2><t_2>", "<a_2><b_2><c_2><d_2>")}, True)
     assert newer.timeline([{"behavior": "rec", "item_id": "i3", "query": None}])[0][-1] == tok.unk_token_id
+
+
+def test_history_ids_write_the_other_ids_own_codes_after_each_id():
+    """With history_ids a click's collaborative ID is followed by its semantic suffix and a
+    search's semantic ID by its collaborative suffix; those codes are labelled only when the
+    align task is supervised, prompts carry them, and TIGER-style IDs (both the same) add none."""
+    from gensar_core.model.timeline import ALIGN
+
+    tok, plain = codec()
+    c = TimelineCodec.of(tok, IDS, history_ids=True)
+    events = [{"behavior": "rec", "item_id": "i1", "query": None},
+              {"behavior": "search", "item_id": "i2", "query": "action"}]
+    ids, kinds, starts = c.timeline(events)
+    words = tok.convert_ids_to_tokens(ids.tolist())
+    assert words == [REC_ITEM, "<a_0>", "<b_1>", "<c_4>", "<d_5>", "<s_2>", "<t_3>",
+                     SRC_QUERY, "action", SRC_ITEM, "<a_1>", "<b_0>", "<s_0>", "<t_0>", "<c_0>", "<d_0>"]
+    assert kinds.tolist() == [GIVEN] + [REC_ID] * 4 + [ALIGN] * 2 + [GIVEN, QUERY, QUERY] + [SEARCH_ID] * 4 + [ALIGN] * 2
+    assert starts.tolist() == [0, 7] and len(plain.timeline(events)[0]) == len(ids) - 4
+    for kinds_supervised, labelled in ((supervised_kinds(["rec", "search"]), 8),
+                                       (supervised_kinds(["rec", "search", "align"]), 12)):
+        (window, labels, _), = training_windows([(ids, kinds, starts)], 32, np.random.default_rng(0), kinds_supervised)
+        assert int((labels != IGNORE).sum()) == labelled
+    text = c.prompt(events, "rec", None, max_len=32)
+    assert tok.convert_ids_to_tokens(tok(text)["input_ids"]) == [BOS] + words
+    tiger = TimelineCodec.of(tok, {k: ItemIds(v.semantic_id, v.semantic_id) for k, v in IDS.items()}, history_ids=True)
+    assert ALIGN not in tiger.timeline(events)[1].tolist()
 
 
 def test_item_tokens_start_from_the_collaborative_vectors_with_distances_kept():

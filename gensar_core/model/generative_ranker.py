@@ -72,7 +72,8 @@ class GenerativeRanker:
         if self.backbone.source.get("formulation") == "timeline":
             from gensar_core.model.timeline import TimelineCodec
 
-            self.timeline = TimelineCodec.of(self.tokenizer, self.item_ids)
+            self.timeline = TimelineCodec.of(self.tokenizer, self.item_ids,
+                                             bool(self.backbone.source.get("history_ids", False)))
             window = int(self.backbone.source["max_len"])
             self.max_input = min(prompt_tokens or window, window)
         self.sequences, self.index, self.prefix = {}, {}, {}

@@ -19,7 +19,11 @@ The tokenizer is word-level: behaviour tokens, identifier tokens and the query w
 train, whitespace-separated, so every token of the format is one id and there is no BPE to learn.
 With `model.timeline.item_tokens` every item also has one token of its own, written after its ID
 in the history as context (never predicted): the model reads an item at once instead of
-assembling it from four codes.
+assembling it from four codes. With `model.timeline.history_ids` every event also carries the
+codes of the item's other identifier that its own lacks (the collaborative suffix after a
+search's semantic ID, the semantic suffix after a click's collaborative ID), so recommendation
+reads every history item by its collaborative codes and search by its semantic ones; with the
+`align` task those codes get a loss (the paper's ID alignment, inside the timeline).
 At decoding time a prompt is the user's timeline, then `<rec_item>` (recommendation) or
 `<src_query>` query `<src_item>` (search), and constrained beam search writes the ID.
 """
@@ -39,8 +43,8 @@ ITEM_TOKEN_PREFIX = "<item_"
 SPECIAL = (PAD, BOS, UNK)
 IGNORE = -100
 # what each token of a timeline is, so a task switched off loses its loss but keeps its context
-GIVEN, REC_ID, QUERY, SEARCH_ID = 0, 1, 2, 3
-TASK_KINDS = {"rec": (REC_ID,), "query": (QUERY,), "search": (SEARCH_ID,)}
+GIVEN, REC_ID, QUERY, SEARCH_ID, ALIGN = 0, 1, 2, 3, 4
+TASK_KINDS = {"rec": (REC_ID,), "query": (QUERY,), "search": (SEARCH_ID,), "align": (ALIGN,)}
 
 
 def supervised_kinds(tasks: Sequence[str]) -> tuple[int, ...]:
@@ -56,6 +60,17 @@ def id_tokens(identifier: str) -> list[str]:
     from gensar_core.identifiers.naming import parse_id
 
     return [f"<{letter}_{code}>" for letter, code in parse_id(identifier)]
+
+
+def own_codes(identifier: str, beside: Sequence[str]) -> list[str]:
+    """The tokens of `identifier` after the prefix it shares with the ID tokens `beside`: the
+    collaborative suffix of a semantic ID and the other way round (none for TIGER-style IDs,
+    where both are the semantic ID)."""
+    tokens = id_tokens(identifier)
+    shared = 0
+    while shared < min(len(tokens), len(beside)) and tokens[shared] == beside[shared]:
+        shared += 1
+    return tokens[shared:]
 
 
 def item_token(ids: ItemIds) -> str:
@@ -91,11 +106,12 @@ class TimelineCodec:
     vocab: Mapping[str, int]
     item_ids: Mapping[str, ItemIds]
     item_tokens: bool = False  # each event ends with its item's token (the vocabulary has them)
+    history_ids: bool = False  # each event also carries its item's other identifier's own codes
 
     @classmethod
-    def of(cls, tokenizer, item_ids: Mapping[str, ItemIds]) -> "TimelineCodec":
+    def of(cls, tokenizer, item_ids: Mapping[str, ItemIds], history_ids: bool = False) -> "TimelineCodec":
         vocab = tokenizer.get_vocab()
-        return cls(vocab, item_ids, any(t.startswith(ITEM_TOKEN_PREFIX) for t in vocab))
+        return cls(vocab, item_ids, any(t.startswith(ITEM_TOKEN_PREFIX) for t in vocab), history_ids)
 
     def _ids(self, tokens: Sequence[str]) -> list[int]:
         unk = self.vocab[UNK]
@@ -107,11 +123,15 @@ class TimelineCodec:
         item = [item_token(ids)] if self.item_tokens else []  # an item newer than the model: <unk>
         if behavior == "rec":
             code = id_tokens(ids.collaborative_id)
-            return self._ids([REC_ITEM] + code + item), [GIVEN] + [REC_ID] * len(code) + [GIVEN] * len(item)
+            other = own_codes(ids.semantic_id, code) if self.history_ids else []
+            return (self._ids([REC_ITEM] + code + other + item),
+                    [GIVEN] + [REC_ID] * len(code) + [ALIGN] * len(other) + [GIVEN] * len(item))
         if behavior == "search":
             words, code = query_words(query), id_tokens(ids.semantic_id)
-            toks = [SRC_QUERY] + words + [SRC_ITEM] + code + item
-            kinds = [GIVEN] + [QUERY] * (len(words) + 1) + [SEARCH_ID] * len(code) + [GIVEN] * len(item)
+            other = own_codes(ids.collaborative_id, code) if self.history_ids else []
+            toks = [SRC_QUERY] + words + [SRC_ITEM] + code + other + item
+            kinds = ([GIVEN] + [QUERY] * (len(words) + 1) + [SEARCH_ID] * len(code) + [ALIGN] * len(other)
+                     + [GIVEN] * len(item))
             return self._ids(toks), kinds
         raise ValueError(f"unknown behaviour {behavior!r}")
 
@@ -217,13 +237,13 @@ def batches(windows: list[tuple[np.ndarray, ...]], tokens_per_batch: int,
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def kind_weights(rec: float = 1.0, search: float = 1.0, query: float = 1.0,
+def kind_weights(rec: float = 1.0, search: float = 1.0, query: float = 1.0, align: float = 1.0,
                  kinds: Sequence[int] = (REC_ID, QUERY, SEARCH_ID)) -> Optional[np.ndarray]:
-    """The loss weight of each token kind, indexed by kind (GIVEN, REC_ID, QUERY, SEARCH_ID);
+    """The loss weight of each token kind, indexed by kind (GIVEN, REC_ID, QUERY, SEARCH_ID, ALIGN);
     None when the supervised `kinds` all weigh the same (the plain mean over supervised tokens,
     e.g. a single-task model)."""
-    weights = np.zeros(4, dtype=np.float32)
-    weights[REC_ID], weights[QUERY], weights[SEARCH_ID] = rec, query, search
+    weights = np.zeros(5, dtype=np.float32)
+    weights[REC_ID], weights[QUERY], weights[SEARCH_ID], weights[ALIGN] = rec, query, search, align
     if len({float(weights[k]) for k in kinds}) <= 1:
         return None
     return weights

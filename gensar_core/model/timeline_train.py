@@ -60,18 +60,19 @@ class TimelineData:
 def load_data(cfg: PipelineConfig) -> TimelineData:
     from gensar_core.model.corpus import apply_id_scheme, enabled_tasks, item_identifier_map, pseudo_queries
     from gensar_core.evaluate.context import user_events
-    from gensar_core.model.timeline import TimelineCodec, build_tokenizer, item_token, supervised_kinds
+    from gensar_core.model.timeline import ALIGN, TimelineCodec, build_tokenizer, item_token, supervised_kinds
     from gensar_core.model.vocab import added_tokens
 
     wh = Warehouse(cfg.warehouse)
     train = wh.read("splits/train")
     identifiers = apply_id_scheme(wh.read("identifiers/items"), cfg.corpus.id_scheme)
     item_ids = item_identifier_map(identifiers)
+    tcfg = cfg.model.timeline
     extra = added_tokens(cfg)
-    if cfg.model.timeline.item_tokens:
+    if tcfg.item_tokens:
         extra += sorted(item_token(ids) for ids in item_ids.values())
     tokenizer = build_tokenizer(train.loc[train["behavior"] == "search", "query"], extra)
-    codec = TimelineCodec.of(tokenizer, item_ids)
+    codec = TimelineCodec.of(tokenizer, item_ids, tcfg.history_ids)
     events = list(user_events(train).values())
     timelines = [codec.timeline(user) for user in events]
     tasks = enabled_tasks(cfg.corpus)
@@ -81,7 +82,9 @@ def load_data(cfg: PipelineConfig) -> TimelineData:
         rng = np.random.default_rng([cfg.seed, 5])
         queries = pseudo_queries(items, train, cfg.corpus.max_pseudo_queries, rng)
         adhoc = [(str(item), q) for item, qs in queries.items() if str(item) in item_ids for q in qs]
-    kinds = supervised_kinds(tasks)
+    # the align task supervises the codes history_ids writes (none without it)
+    kinds = tuple(k for k in supervised_kinds(tasks)
+                  if k != ALIGN or (tcfg.history_ids and tcfg.loss_weights.align > 0))
     if not kinds and not adhoc:
         raise ValueError(f"tasks {tasks}: nothing for the timeline model to learn (enable rec, search or query)")
     return TimelineData(tokenizer, codec, timelines, events, adhoc, identifiers, kinds)
@@ -581,6 +584,7 @@ def save_run(cfg: PipelineConfig, wh: Warehouse, out_dir: Path, backbone, progre
     with atomic_dir(out_dir) as stage:
         save_trained(backbone, stage, {"run_name": result["run_name"], "tasks": result["tasks"],
                                        "formulation": "timeline", "max_len": cfg.model.timeline.max_len,
+                                       "history_ids": cfg.model.timeline.history_ids,
                                        "identifiers": cfg.identifiers.model_dump(mode="json"),
                                        "metrics": result, "config_fingerprint": cfg.fingerprint()})
         write_json_atomic(stage / "train_history.json", {"evals": progress.evals, "losses": progress.losses})
