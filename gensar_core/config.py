@@ -331,7 +331,8 @@ class TimelineModelConfig(_Strict):
     # collaborative ID): recommendation reads searched items by their collaborative codes, search
     # reads clicked items by their semantic ones; with the `align` task they get a loss
     # (README validation log, third session of 2026-12-07: at three seeds rec +0.0027, search
-    # +0.0012 on valid; about 1.3x the tokens and the training time)
+    # +0.0012 on valid, chosen there; the test report then measured rec -0.0064, search +0.007;
+    # about 1.3x the tokens and the training time)
     history_ids: bool = True
     # the share of search events, drawn afresh each epoch, that a training timeline writes as
     # recommendation clicks (`<rec_item>` + collaborative ID) when rec is trained: recommendation
