@@ -77,7 +77,7 @@ def load_data(cfg: PipelineConfig) -> TimelineData:
     timelines = [codec.timeline(user) for user in events]
     tasks = enabled_tasks(cfg.corpus)
     adhoc = []
-    if "adhoc" in tasks and cfg.model.timeline.adhoc_per_item:
+    if "adhoc" in tasks and tcfg.adhoc_per_item:
         items = wh.read("curated/items", ["item_id", "title", "text", "categories"])
         rng = np.random.default_rng([cfg.seed, 5])
         queries = pseudo_queries(items, train, cfg.corpus.max_pseudo_queries, rng)
