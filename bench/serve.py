@@ -55,7 +55,8 @@ def train_toy_model(root: Path, formulation: str) -> PipelineConfig:
         "model": {"formulation": formulation,
                   "scratch": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "tokenizer_vocab_size": 300},
                   "timeline": {"max_len": 128, "d_model": 32, "d_ff": 64, "num_heads": 2}},
-        "train": {"epochs": 2, "batch_size": 16, "eval_every": 0, "warmup_steps": 5, "progress": False},
+        "train": {"epochs": 2, "batch_size": 16, "eval_every": 0, "warmup_steps": 5, "progress": False,
+                  "ensemble_seeds": []},  # one model, as the tests' toy model
         "evaluate": {"beam_size": 10, "baselines": ["popularity"], "log_mlflow": False},
     })
     step_build_corpus(cfg)

@@ -439,6 +439,12 @@ class TrainConfig(_Strict):
     device: Optional[str] = None                  # None: cuda when available, else cpu
     num_threads: Optional[int] = Field(None, ge=1)  # torch CPU threads; None: torch's default
     seed: Optional[int] = None                    # None: the pipeline seed
+    # an ensemble: one more model trained at each of these seeds (in its own folder, as an
+    # `evaluate.seeds` replica would be, model/ensemble.py); evaluation, the registry, batch scoring
+    # and serving decode the mean of the members' next-token distributions (model/decode.py).
+    # []: one model. Two more seeds chosen on valid (README validation log, fourth session of
+    # 2026-12-07: rec +0.010, search +0.009 over the mean of the three models alone)
+    ensemble_seeds: list[int] = [7, 13]
 
 
 # ---------------------------------------------------------------- evaluation (docs/architecture.md "Evaluation protocol")

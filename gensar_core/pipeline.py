@@ -76,7 +76,15 @@ def step_build_corpus(cfg: PipelineConfig) -> dict:
 
 
 def step_train(cfg: PipelineConfig) -> dict:
-    """corpus (prompted) or splits (timeline) -> models/<run>/ (safetensors + tokenizer), one MLflow run."""
+    """corpus (prompted) or splits (timeline) -> models/<run>/ (safetensors + tokenizer), one MLflow
+    run a model; with `train.ensemble_seeds` the ensemble's other members first (models/<run>__seed<S>/)."""
+    from gensar_core.model.ensemble import run_train_ensemble
+
+    return run_train_ensemble(cfg, train_one_model)
+
+
+def train_one_model(cfg: PipelineConfig) -> dict:
+    """The model of `cfg` at its train seed."""
     from gensar_core.model.train import run_train
 
     if cfg.model.formulation == "timeline":
@@ -121,6 +129,7 @@ def generative_ranker(cfg: PipelineConfig, name: str = "gensar", train_args: Opt
     error, so a report never silently lacks the method it was asked for. `train_args`: what to
     add to `gensar -c CONFIG` to train it (None: it is the config's own model)."""
     from gensar_core.model.corpus import apply_id_scheme, enabled_tasks
+    from gensar_core.model.ensemble import member_dirs
     from gensar_core.model.runs import trained_model_dir
     from gensar_core.storage import Warehouse
 
@@ -134,7 +143,8 @@ def generative_ranker(cfg: PipelineConfig, name: str = "gensar", train_args: Opt
 
     tasks = [t for t in ("rec", "search") if t in enabled_tasks(cfg.corpus)]
     identifiers = apply_id_scheme(Warehouse(cfg.warehouse).read("identifiers/items"), cfg.corpus.id_scheme)
-    return GenerativeRanker(model_dir, identifiers, **ranker_settings(cfg), tasks=tasks, name=name)
+    return GenerativeRanker(model_dir, identifiers, **ranker_settings(cfg), tasks=tasks, name=name,
+                            members=member_dirs(cfg))
 
 
 def step_evaluate(cfg: PipelineConfig) -> dict:

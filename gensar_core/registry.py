@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 TASKS = ("rec", "search")
 SERVING_CODE = Path(__file__).with_name("serving_model.py")
+MEMBER = "member"  # artifact names of an ensemble's other members: member1, member2, ...
 
 
 def gate_metrics(cfg: PipelineConfig, ranker) -> dict[str, float]:
@@ -48,6 +49,7 @@ def register(cfg: PipelineConfig, model_dir: str | Path, metrics: dict[str, floa
     """Log `model_dir` as a pyfunc model version and apply the champion gate."""
     import mlflow
 
+    from gensar_core.model.ensemble import member_dirs
     from gensar_core.model.generative_ranker import ranker_settings
 
     name = cfg.registry.model_name
@@ -64,11 +66,12 @@ def register(cfg: PipelineConfig, model_dir: str | Path, metrics: dict[str, floa
                 identifiers = Path(tmp) / "items.parquet"
                 apply_id_scheme(read_table(Path(cfg.warehouse) / "identifiers" / "items"),
                                 cfg.corpus.id_scheme).to_parquet(identifiers, index=False)
+            members = {f"{MEMBER}{n}": str(folder) for n, folder in enumerate(member_dirs(cfg), 1)}
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(SERVING_CODE),
                 artifacts={"model": str(model_dir),
                            "identifiers": str(identifiers),
-                           "settings": str(settings)},
+                           "settings": str(settings), **members},
                 code_paths=[str(Path(__file__).parent)],
                 pip_requirements=_requirements(), registered_model_name=name)
         run_id = run.info.run_id
@@ -128,7 +131,13 @@ def champion_ranker(cfg: PipelineConfig):
         if len(kept) == len(theirs):
             ids = ours
     settings = json.loads(Path(artifacts["settings"]).read_text())
-    return GenerativeRanker(artifacts["model"], ids, **settings)
+    return GenerativeRanker(artifacts["model"], ids, **settings, members=logged_members(artifacts))
+
+
+def logged_members(artifacts: dict) -> list:
+    """The ensemble members logged beside a registered model ('member1', 'member2', ...), in order."""
+    names = sorted((k for k in artifacts if k.startswith(MEMBER)), key=lambda k: int(k[len(MEMBER):]))
+    return [artifacts[k] for k in names]
 
 
 def _artifact_paths(local: Path) -> dict[str, Path]:

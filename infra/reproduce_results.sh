@@ -13,29 +13,37 @@ export GENSAR_HOME=${GENSAR_HOME:-$PWD/.gensar-results}
 config=(-c configs/ablations.yaml "$@")
 parallel=${JOBS:-$(nproc)}
 
-"$gensar" "${config[@]}" run --steps ingest,split,embed_semantic,embed_collaborative,learn_identifiers,build_corpus,train
+"$gensar" "${config[@]}" run --steps ingest,split,embed_semantic,embed_collaborative,learn_identifiers,build_corpus
 # every model has its own folder; the corpus (all tasks) serves the prompted variant. One
-# training per line: the variant (or 'gensar', the config's own model) and a train seed
-# ('-': the config's own), from evaluate.variants and evaluate.seeds
+# training per line, each a single model: the variant (or 'gensar', the config's own model) and
+# a train seed, for the config's own seed, each ensemble member's (train.ensemble_seeds) and
+# each of evaluate.seeds; a folder that two lines would train (an ensemble member that is also
+# a replica or another variant's model) is trained once
 trainings=$("$gensar" "${config[@]}" config --json | .venv/bin/python -c '
 import json, sys
-ev = json.load(sys.stdin)["evaluate"]
-for name in ev["variants"]:
-    print(name, "-")
-for name, seeds in ev["seeds"].items():
-    for seed in seeds:
-        print(name, seed)')
+from gensar_core.config import PipelineConfig, with_overrides
+from gensar_core.model.ensemble import member_config
+from gensar_core.model.runs import train_seed, trained_model_dir
+cfg = PipelineConfig.model_validate(json.load(sys.stdin))
+ev = cfg.evaluate
+seen = set()
+for name in ["gensar", *ev.variants]:
+    model = cfg if name == "gensar" else with_overrides(cfg, ev.variants[name])
+    for seed in [train_seed(model), *model.train.ensemble_seeds, *ev.seeds.get(name, [])]:
+        folder = trained_model_dir(member_config(model, seed))
+        if folder not in seen:
+            seen.add(folder)
+            print(name, seed)')
 logs="$GENSAR_HOME/logs"
 mkdir -p "$logs"
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed training stops the others
 running=0
 wait_one() { wait -n || { echo "a training failed: see $logs" >&2; exit 1; }; running=$((running - 1)); }
 while read -r name seed; do
-  args=(--set train.num_threads=1 --set train.progress=false)
+  args=(--set train.num_threads=1 --set train.progress=false --set "train.seed=$seed" --set "train.ensemble_seeds=[]")
   log="$logs/train-$name"
   if [ "$name" != gensar ]; then args+=(--variant "$name"); fi
-  if [ "$seed" != - ]; then args+=(--set "train.seed=$seed"); log+="-seed$seed"; fi
-  log+=.log
+  log+="-seed$seed.log"
   echo "training $name, train seed $seed (log: $log)"
   "$gensar" "${config[@]}" "${args[@]}" train > "$log" 2>&1 &
   running=$((running + 1))

@@ -409,3 +409,51 @@ def test_banned_items_never_decoded_lists_full_and_equal_decode_all_then_exclude
         assert not torch.isin(row_items, ban).any()
         assert len(row_items) == min(TOP_K, allowed)
         assert set(row_items.tolist()) <= set(items.tolist())
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_an_ensemble_of_one_model_twice_is_that_model(models, catalogue, kind):
+    _, items, index = catalogue
+    ids, mask = prompts(users=4)
+    banned = [items[:n] for n in (0, 5, 50, 150)]
+    one = constrained_beam_search(models[kind], ids, mask, index, BEAM, TOP_K, prefix_tokens=[REC], banned=banned)
+    two = constrained_beam_search([models[kind], models[kind]], ids, mask, index, BEAM, TOP_K, prefix_tokens=[REC],
+                                  banned=banned)
+    assert torch.equal(one[0], two[0])
+    torch.testing.assert_close(one[1], two[1])
+
+
+@pytest.mark.parametrize("normalize", ["prefix", "vocab"])
+def test_an_ensemble_decodes_the_mean_of_its_members_next_token_distributions(catalogue, normalize):
+    """Beam as wide as the catalogue: every item's score is the sum over its tokens of the log of
+    the members' mean probability, each member's normalised over the same tokens (teacher-forced)."""
+    seqs, items, index = catalogue
+    members = [llama(), llama(initializer_range=0.3)]
+    ids, mask = prompts(users=3)
+    got, got_scores = constrained_beam_search(members, ids, mask, index, ITEMS, ITEMS, prefix_tokens=[REC],
+                                              normalize=normalize)
+    # teacher forcing: prompt + <rec> + the item's tokens, for every item
+    users, n = ids.shape[0], len(items)
+    full = torch.cat([ids.repeat_interleave(n, 0), torch.full((users * n, 1), REC), seqs.repeat(users, 1)], dim=1)
+    full_mask = torch.cat([mask.repeat_interleave(n, 0), torch.ones(users * n, 1 + LEVELS, dtype=mask.dtype)], 1)
+    position = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    start = ids.shape[1]  # the logits at `start + t` predict the item's token t
+    probs = []
+    for m in members:
+        with torch.no_grad():
+            logits = m(input_ids=full, attention_mask=full_mask, position_ids=position).logits.float()
+        logits = logits[:, start:start + LEVELS]  # [users * n, LEVELS, V]
+        if normalize == "prefix":  # over the valid continuations of each prefix
+            allowed = torch.zeros_like(logits, dtype=torch.bool)
+            for t in range(LEVELS):
+                for row, seq in enumerate(seqs.repeat(users, 1)):
+                    same = (seqs[:, :t] == seq[:t]).all(1)
+                    allowed[row, t, seqs[same, t]] = True
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        probs.append(torch.softmax(logits, -1).gather(2, seqs.repeat(users, 1)[:, :, None])[..., 0])
+    want = torch.stack(probs).mean(0).log().sum(-1).view(users, n)  # [users, items]
+    for row in range(users):
+        order = {int(i): s for i, s in zip(items, want[row])}
+        torch.testing.assert_close(got_scores[row], torch.stack([order[int(i)] for i in got[row]]),
+                                   atol=1e-3, rtol=1e-4)
+        assert bool((got_scores[row][:-1] >= got_scores[row][1:]).all())

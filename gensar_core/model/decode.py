@@ -35,12 +35,18 @@ Scores are sums of per-step log-probabilities of the identifier tokens (tokens g
 A trained model puts almost all its mass on valid tokens, so the three rank alike in practice; a
 random model's do not.
 
+An ensemble (`model` a sequence of models that share the vocabulary, e.g. one model trained at
+several seeds) decodes as one model whose next-token distribution at every step is the mean of
+its members' (each normalised as above): every member keeps its own decoder state, the beams are
+the ensemble's.
+
 `decode_reference.hf_beam_search` is the reference, the research code's way: `model.generate(num_beams=...,
 prefix_allowed_tokens_fn=...)` over a Python dict trie, with logits processors that reproduce
 each scoring. Tests and `bench/decode.py` compare the two.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -68,10 +74,13 @@ def prefix_matrix(prefix_tokens: PrefixTokens, users: int, device) -> Tensor:
 
 # ---------------------------------------------------------------- beam search
 @torch.inference_mode()
-def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[Tensor], index: PrefixIndex,
-                            beam_size: int, top_k: int, prefix_tokens: PrefixTokens = None,
-                            normalize: str = "prefix", banned: Optional[Sequence] = None) -> tuple[Tensor, Tensor]:
+def constrained_beam_search(model: Union[torch.nn.Module, Sequence[torch.nn.Module]], input_ids: Tensor,
+                            attention_mask: Optional[Tensor], index: PrefixIndex, beam_size: int, top_k: int,
+                            prefix_tokens: PrefixTokens = None, normalize: str = "prefix",
+                            banned: Optional[Sequence] = None) -> tuple[Tensor, Tensor]:
     """Top-`top_k` items of each input, by beam search over the valid sequences of `index`.
+
+    model: one model, or the members of an ensemble (their mean next-token distribution is decoded).
 
     input_ids / attention_mask [B, S]: encoder inputs (seq2seq) or left-padded prompts (decoder-
     only). prefix_tokens [P] or [B, P]: tokens forced right after the decoder start / the prompt
@@ -90,23 +99,17 @@ def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[T
     users = input_ids.shape[0]
     prefix = prefix_matrix(prefix_tokens, users, device)
     allowed = None if banned is None else index.allowed_counts(banned)
-    head = OutputHead.of(model)
-    if normalize != "vocab":
-        level_rows = [head.rows(tokens) for tokens in index.level_tokens]
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    members = [Member(m, index, normalize) for m in models]
     # with "prefix", a level whose every node has one child is forced: no logits; the decoder
     # state is advanced only while a later level still has a choice to score
     scored = [normalize != "prefix" or width > 1 for width in index.width]
 
-    was_training = model.training
-    if was_training:
-        model.eval()
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
-        if not model.config.is_encoder_decoder:
-            kind = CausalState
-        else:
-            kind = T5TreeState if T5TreeState.supports(model) else Seq2SeqState
-        state = kind(model, input_ids, attention_mask, prefix)
-        hidden = state.start()  # [users * width, d]
+        hidden = [member.start(input_ids, attention_mask, prefix) for member in members]  # [users * width, d]
         width = 1  # beams kept per input at this level
         nodes = torch.zeros(users, dtype=torch.long, device=device)
         scores = torch.zeros(users, device=device)
@@ -114,14 +117,9 @@ def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[T
             child, valid = index.children(level, nodes)  # [rows, C]
             if not scored[level]:
                 logp = torch.zeros(child.shape, device=device)
-            elif normalize == "prefix":
-                logits = head.apply(hidden, *level_rows[level]).gather(1, index.column[level][child])
-                logp = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
-            elif normalize == "level":
-                logp = torch.log_softmax(head.apply(hidden, *level_rows[level]), dim=-1)
-                logp = logp.gather(1, index.column[level][child])
             else:
-                logp = torch.log_softmax(head.logits(hidden), dim=-1).gather(1, index.token[level][child])
+                logp = [member.log_probs(h, level, child, valid) for member, h in zip(members, hidden)]
+                logp = logp[0] if len(logp) == 1 else torch.logsumexp(torch.stack(logp), 0) - math.log(len(logp))
             if allowed is not None:  # after the softmax: the scores stay those of the unbanned model
                 n_rows = child.shape[0]
                 valid = valid & (allowed[level + 1].gather(1, child.view(users, -1)).view(n_rows, -1) > 0)
@@ -140,13 +138,14 @@ def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[T
                     # continuation need it (with a sparse catalogue, few do); the others score 0
                     need = index.ptr[level + 1][nodes + 1] - index.ptr[level + 1][nodes] > 1
                 if need is None or bool(need.any()):
-                    hidden = state.advance(src, index.token[level][nodes], new_width != width, need)
+                    tokens = index.token[level][nodes]
+                    hidden = [member.state.advance(src, tokens, new_width != width, need) for member in members]
                 else:
-                    hidden = hidden.new_zeros(users * new_width, hidden.shape[-1])
+                    hidden = [h.new_zeros(users * new_width, h.shape[-1]) for h in hidden]
             width = new_width
     finally:
-        if was_training:
-            model.train()
+        for m, training in zip(models, was_training):
+            m.train(training)
 
     items = index.items_of(nodes).view(users, width)
     scores = scores.view(users, width)
@@ -156,3 +155,32 @@ def constrained_beam_search(model, input_ids: Tensor, attention_mask: Optional[T
     items, scores = items[:, :top_k].clone(), scores[:, :top_k].clone()
     items[scores == float("-inf")] = -1
     return items, scores
+
+
+class Member:
+    """One model of a beam search: its decoder state and its per-level output rows."""
+
+    def __init__(self, model, index: PrefixIndex, normalize: str):
+        self.model, self.index, self.normalize = model, index, normalize
+        self.head = OutputHead.of(model)
+        self.level_rows = [self.head.rows(t) for t in index.level_tokens] if normalize != "vocab" else None
+        self.state = None
+
+    def start(self, input_ids: Tensor, attention_mask: Optional[Tensor], prefix: Tensor) -> Tensor:
+        if not self.model.config.is_encoder_decoder:
+            kind = CausalState
+        else:
+            kind = T5TreeState if T5TreeState.supports(self.model) else Seq2SeqState
+        self.state = kind(self.model, input_ids, attention_mask, prefix)
+        return self.state.start()
+
+    def log_probs(self, hidden: Tensor, level: int, child: Tensor, valid: Tensor) -> Tensor:
+        """[rows, C] log-probabilities of each beam's children, normalised as `normalize` says."""
+        index = self.index
+        if self.normalize == "prefix":
+            logits = self.head.apply(hidden, *self.level_rows[level]).gather(1, index.column[level][child])
+            return torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+        if self.normalize == "level":
+            logp = torch.log_softmax(self.head.apply(hidden, *self.level_rows[level]), dim=-1)
+            return logp.gather(1, index.column[level][child])
+        return torch.log_softmax(self.head.logits(hidden), dim=-1).gather(1, index.token[level][child])

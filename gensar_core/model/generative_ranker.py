@@ -8,6 +8,9 @@ Full-catalogue ranking bans the case's `exclude` items (the user's history) insi
 a scoring baseline masks them before its top-K: no beam is spent on them and the list holds k
 items whenever k are allowed. With candidates (the paper's
 100-candidate protocol) the prefix index is built from each case's candidates only.
+
+With `members` (the other models of an ensemble, model/ensemble.py) the model and its members
+decode as one: the mean of their next-token distributions at every step.
 """
 from __future__ import annotations
 
@@ -53,16 +56,20 @@ class GenerativeRanker:
     def __init__(self, model_dir: str | Path | Backbone, identifiers: pd.DataFrame, *, beam_size: int = 20,
                  scoring: str = "prefix", batch_size: int = 16, max_rec_history: int = 5, max_search_history: int = 5,
                  max_input_length: int = 192, device: Optional[str] = None, name: str = "gensar",
-                 tasks: Sequence[str] = ("rec", "search"), prompt_tokens: Optional[int] = None):
+                 tasks: Sequence[str] = ("rec", "search"), prompt_tokens: Optional[int] = None,
+                 members: Sequence[str | Path] = ()):
         # a model folder, or a Backbone in memory (validation during training)
         self.backbone = model_dir if isinstance(model_dir, Backbone) else load_trained(model_dir, device=device)
         self.model, self.tokenizer, self.kind = self.backbone.model, self.backbone.tokenizer, self.backbone.kind
+        # what the decoder runs: the model and its ensemble members
+        self.models = [self.model, *(self.member(folder, device) for folder in members)]
         self.device = next(self.model.parameters()).device
         self.beam_size, self.scoring, self.batch_size = beam_size, scoring, batch_size
         self.max_rec, self.max_search, self.max_input = max_rec_history, max_search_history, max_input_length
         self.name, self.tasks = name, tuple(tasks)
         label = self.backbone.label if isinstance(model_dir, Backbone) else Path(model_dir).name
-        self.description = f"generative model {label}, constrained beam {beam_size}, {scoring} scoring"
+        ensemble = f", ensemble of {len(self.models)} models" if len(self.models) > 1 else ""
+        self.description = f"generative model {label}{ensemble}, constrained beam {beam_size}, {scoring} scoring"
         ids = identifiers.sort_values("item_idx").reset_index(drop=True)
         self.item_idx = ids["item_idx"].to_numpy(np.int64)
         self.item_ids = {str(r.item_id): ItemIds(r.semantic_id, r.collaborative_id) for r in ids.itertuples()}
@@ -83,6 +90,17 @@ class GenerativeRanker:
             self.sequences[task] = full_sequences(ids[column].tolist(), self.tokenizer)
             self.prefix[task] = torch.tensor(self.tokenizer.convert_tokens_to_ids([behaviour]), device=self.device)
         self._row_of = {int(i): r for r, i in enumerate(self.item_idx)}
+
+    def member(self, folder: Path, device: Optional[str]):
+        """An ensemble member's model; it must read and write the same tokens as the model."""
+        if not (Path(folder) / "config.json").exists():
+            raise FileNotFoundError(f"ensemble member {folder}: no trained model there (train it, or drop its seed "
+                                    f"from train.ensemble_seeds)")
+        other = load_trained(folder, device=device)
+        if other.tokenizer.get_vocab() != self.tokenizer.get_vocab() or other.kind != self.kind:
+            raise ValueError(f"ensemble member {folder}: its vocabulary or model kind differs from its ensemble's "
+                             f"model; members must be trained on the same data and settings")
+        return other.model
 
     # ------------------------------------------------------------------ prompts
     def prompts(self, cases: pd.DataFrame, task: str) -> list[str]:
@@ -126,7 +144,7 @@ class GenerativeRanker:
         for start in range(0, len(prompts), self.batch_size):
             input_ids, mask = self.encode(prompts[start:start + self.batch_size])
             ban = None if banned is None else list(banned[start:start + self.batch_size])
-            it, sc = constrained_beam_search(self.model, input_ids, mask, index, beam_size=beam,
+            it, sc = constrained_beam_search(self.models, input_ids, mask, index, beam_size=beam,
                                              top_k=top_k, prefix_tokens=self.prefix[task],
                                              normalize=self.scoring, banned=ban)
             items.append(it.cpu().numpy())

@@ -1,0 +1,81 @@
+"""An ensemble (`train.ensemble_seeds`): members trained as seed replicas, decoded as one model by
+evaluation, and registered with the model so that batch scoring and serving decode the same."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from gensar_core.config import PipelineConfig
+    from gensar_core.pipeline import step_train
+    from toy_warehouse import write_toy_warehouse
+
+    home = tmp_path_factory.mktemp("ens")
+    root = home / "warehouse"
+    write_toy_warehouse(root, n_users=16, n_items=24, events_per_user=10, seed=3)
+    cfg = PipelineConfig.model_validate({
+        "warehouse": str(root), "identifiers": {"codebook_size": 8},
+        "tracking": {"uri": f"sqlite:///{home / 'mlflow.db'}", "log_model": False},
+        "model": {"formulation": "timeline", "timeline": {"init_ids_from_codes": False, "max_len": 64, "d_model": 32,
+                                                          "d_ff": 64, "num_heads": 2, "num_layers": 1,
+                                                          "tokens_per_batch": 512}},
+        "train": {"epochs": 2, "lr": 3e-3, "warmup_steps": 1, "eval_every": 2, "patience": 0, "progress": False,
+                  "ensemble_seeds": [7, 2025, 7]},  # the model's own seed and repeats count once
+        "evaluate": {"beam_size": 8}})
+    return cfg, step_train(cfg)
+
+
+def test_members_are_the_seed_replicas_and_the_ensemble_is_validated(trained):
+    from gensar_core.model.ensemble import member_dirs
+    from gensar_core.model.runs import trained_model_dir
+
+    cfg, result = trained
+    folder = Path(result["model_dir"])
+    replica = folder.parent / f"{folder.name}__seed7"
+    assert folder == trained_model_dir(cfg) and member_dirs(cfg) == [replica]
+    assert result["ensemble_members"] == [str(folder), str(replica)] and (replica / "model.safetensors").exists()
+    summary = json.loads((folder.parent / f"{folder.name}.metrics.json").read_text())
+    assert 0 <= summary["ensemble/valid/rec_ndcg@10"] <= 1 and "ensemble/valid/search_ndcg@10" in result
+
+
+def test_evaluation_decodes_the_members_together_and_the_registry_keeps_them(trained):
+    from gensar_core import registry
+    from gensar_core.config import with_overrides
+    from gensar_core.evaluate.context import EvalContext
+    from gensar_core.pipeline import generative_ranker, step_register
+
+    cfg, result = trained
+    both, alone = generative_ranker(cfg), generative_ranker(with_overrides(cfg, ["train.ensemble_seeds=[]"]))
+    assert len(both.models) == 2 and len(alone.models) == 1 and "ensemble of 2 models" in both.description
+    cases = EvalContext(cfg).cases("test", "rec")
+    lists, single = both.rank(cases, "rec", 5), alone.rank(cases, "rec", 5)
+    for items, banned in zip(lists, cases["exclude"]):
+        assert len(items) == min(5, 24 - len(set(banned))) and not set(items.tolist()) & set(banned.tolist())
+    assert any(a.tolist() != b.tolist() for a, b in zip(lists, single))  # the member changes the ranking
+    # registered with its member: the champion (batch scoring, serving) ranks exactly as evaluation
+    assert step_register(cfg)["promoted"]
+    champion = registry.champion_ranker(cfg)
+    assert len(champion.models) == 2
+    assert [x.tolist() for x in champion.rank(cases, "rec", 5)] == [x.tolist() for x in lists]
+
+
+def test_a_member_that_is_missing_or_speaks_another_vocabulary_is_named(trained, tmp_path):
+    from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
+    from gensar_core.storage import Warehouse
+
+    cfg, result = trained
+    ids = Warehouse(cfg.warehouse).read("identifiers/items")
+    other = tmp_path / "other-seed"
+    shutil.copytree(Path(result["model_dir"]).parent / (Path(result["model_dir"]).name + "__seed7"), other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    spec["model"]["vocab"]["zzz-not-in-the-ensemble"] = max(spec["model"]["vocab"].values()) + 1
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="other-seed"):
+        GenerativeRanker(result["model_dir"], ids, **ranker_settings(cfg), members=[other])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        GenerativeRanker(result["model_dir"], ids, **ranker_settings(cfg), members=[tmp_path / "nowhere"])
