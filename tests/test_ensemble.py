@@ -44,7 +44,10 @@ def test_members_are_the_seed_replicas_and_the_ensemble_is_validated(trained):
 
 
 def test_evaluation_decodes_the_members_together_and_the_registry_keeps_them(trained):
-    from gensar_core import registry
+    import mlflow
+    import pandas as pd
+
+    from gensar_core import registry, tracking
     from gensar_core.config import with_overrides
     from gensar_core.evaluate.context import EvalContext
     from gensar_core.pipeline import generative_ranker, step_register
@@ -62,6 +65,13 @@ def test_evaluation_decodes_the_members_together_and_the_registry_keeps_them(tra
     champion = registry.champion_ranker(cfg)
     assert len(champion.models) == 2
     assert [x.tolist() for x in champion.rank(cases, "rec", 5)] == [x.tolist() for x in lists]
+    # the served model (the registry's pyfunc) loads the member too
+    tracking.configure(cfg)
+    served = mlflow.pyfunc.load_model(registry.champion_uri(cfg)).unwrap_python_model()
+    assert len(served.ranker.models) == 2
+    history = json.dumps(list(cases["timeline"][0]))  # what a client sends: the user's events
+    got = served.predict(None, pd.DataFrame({"task": ["rec"], "history": [history], "k": [5]}))
+    assert got["items"][0] == [str(served.item_id_of[i]) for i in lists[0]]
 
 
 def test_a_member_that_is_missing_or_speaks_another_vocabulary_is_named(trained, tmp_path):
