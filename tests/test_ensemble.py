@@ -87,5 +87,13 @@ def test_a_member_that_is_missing_or_speaks_another_vocabulary_is_named(trained,
     (other / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="other-seed"):
         GenerativeRanker(result["model_dir"], ids, **ranker_settings(cfg), members=[other])
+    # the same vocabulary, but prompts written another way (no other-ID codes in the history)
+    shutil.copytree(Path(result["model_dir"]).parent / (Path(result["model_dir"]).name + "__seed7"), other,
+                    dirs_exist_ok=True)
+    meta = json.loads((other / "gensar_model.json").read_text())
+    meta["history_ids"] = not meta["history_ids"]
+    (other / "gensar_model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="other-seed.*history_ids"):
+        GenerativeRanker(result["model_dir"], ids, **ranker_settings(cfg), members=[other])
     with pytest.raises(FileNotFoundError, match="nowhere"):
         GenerativeRanker(result["model_dir"], ids, **ranker_settings(cfg), members=[tmp_path / "nowhere"])

@@ -97,9 +97,13 @@ class GenerativeRanker:
             raise FileNotFoundError(f"ensemble member {folder}: no trained model there (train it, or drop its seed "
                                     f"from train.ensemble_seeds)")
         other = load_trained(folder, device=device)
-        if other.tokenizer.get_vocab() != self.tokenizer.get_vocab() or other.kind != self.kind:
-            raise ValueError(f"ensemble member {folder}: its vocabulary or model kind differs from its ensemble's "
-                             f"model; members must be trained on the same data and settings")
+        # the prompts are written once, by the model's settings, for every member
+        prompt_settings = ("formulation", "max_len", "history_ids")
+        if (other.tokenizer.get_vocab() != self.tokenizer.get_vocab() or other.kind != self.kind
+                or any(other.source.get(k) != self.backbone.source.get(k) for k in prompt_settings)):
+            raise ValueError(f"ensemble member {folder}: its vocabulary, model kind or prompt settings "
+                             f"({', '.join(prompt_settings)}) differ from its ensemble's model; members must be "
+                             f"trained on the same data and settings")
         return other.model
 
     # ------------------------------------------------------------------ prompts
