@@ -72,3 +72,23 @@ def test_agrees_with_embed_rank_metrics():
     ref = rank_metrics(scores, targets, exclude, k=10)
     assert ours["HR@10"] == pytest.approx(ref["hr@10"])
     assert ours["NDCG@10"] == pytest.approx(ref["ndcg@10"], rel=1e-5)
+
+
+def test_per_case_ndcg_and_the_paired_bootstrap():
+    from gensar_core.evaluate.metrics import ndcg_per_case, paired_bootstrap
+
+    lists, targets = [[3, 1, 2], [5, 6, 7], [9, 8, 4]], [1, 0, 4]
+    per_case = ndcg_per_case(lists, targets, 10)
+    assert per_case.tolist() == pytest.approx([1 / np.log2(3), 0.0, 0.5])
+    assert per_case.mean() == pytest.approx(ndcg_at_k(lists, targets, 10))
+    rng = np.random.default_rng(0)
+    a = rng.random(400)
+    same = paired_bootstrap(a, a)
+    assert same == {"diff": 0.0, "low": 0.0, "high": 0.0, "n": 400}
+    b = a - 0.05 + rng.normal(0, 0.2, 400)  # a is better by 0.05 on average, with noise
+    p = paired_bootstrap(a, b, draws=4000, seed=1)
+    assert p["diff"] == pytest.approx(float((a - b).mean()))
+    assert p["low"] < p["diff"] < p["high"] and p["low"] > 0  # 400 cases tell 0.05 apart
+    assert p["high"] - p["low"] == pytest.approx(2 * 1.96 * (a - b).std() / np.sqrt(400), rel=0.15)
+    with pytest.raises(ValueError, match="same cases"):
+        paired_bootstrap(a, b[:10])

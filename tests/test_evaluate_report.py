@@ -61,7 +61,8 @@ def test_report_files_table_and_plugged_in_rankers(root):
     for task in ("Rec", "Search"):
         for metric in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"):
             assert f"{task} {metric}" in header
-    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Method")
+            and "minus the best baseline" not in line and " vs " not in line]
     assert len(rows) == 2 * len(methods)  # one table per protocol
     for m in methods:
         assert sum(1 for r in rows if r.startswith(f"| {m} |")) == 2
@@ -69,7 +70,18 @@ def test_report_files_table_and_plugged_in_rankers(root):
     assert oracle_row.count("1.0000") == 10
     assert "n/a" in next(r for r in rows if r.startswith("| rec-only |"))
 
+    # the plugged-in rankers paired with the best baseline of each task, case by case
+    paired = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and " vs " in line}
+    assert set(paired) == {"oracle", "rec-only"} and "| n/a |" in paired["rec-only"]
     saved = json.loads((folder / "metrics.json").read_text())
+    for task in ("rec", "search"):
+        p = saved["paired"]["oracle"][task]
+        best = max((b for b in BASELINES), key=lambda b: saved["methods"][b]["full"][task]["NDCG@10"])
+        assert p["against"] == best and p["n"] == out["cases"][task]
+        assert p["diff"] == pytest.approx(1.0 - saved["methods"][best]["full"][task]["NDCG@10"])
+        assert p["low"] <= p["diff"] <= p["high"]
+    assert "search" not in saved["paired"]["rec-only"]
+
     assert set(saved["methods"]) == set(methods)
     assert saved["methods"]["oracle"]["sampled"]["search"]["HR@1"] == 1.0
     assert saved["meta"]["cases"] == out["cases"] and out["cases"]["rec"] > 0 and out["cases"]["search"] > 0

@@ -12,7 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["target_ranks", "hit_rate_at_k", "ndcg_at_k", "mrr_at_k", "summarize", "metric_names"]
+__all__ = ["target_ranks", "hit_rate_at_k", "ndcg_at_k", "ndcg_per_case", "mrr_at_k", "summarize", "metric_names",
+           "paired_bootstrap"]
 
 
 def target_ranks(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int]) -> np.ndarray:
@@ -35,13 +36,17 @@ def hit_rate_at_k(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int],
     return float(((ranks >= 0) & (ranks < k)).mean())
 
 
-def ndcg_at_k(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int], k: int = 10) -> float:
-    """Mean NDCG@k with one relevant item per case: 1/log2(rank+2) for a hit at rank < k."""
+def ndcg_per_case(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int], k: int = 10) -> np.ndarray:
+    """NDCG@k of each case with one relevant item: 1/log2(rank+2) for a hit at rank < k, else 0."""
     ranks = target_ranks(ranked_lists, targets)
-    if not len(ranks):
-        return 0.0
     hit = (ranks >= 0) & (ranks < k)
-    return float(np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0).mean())
+    return np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
+
+
+def ndcg_at_k(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int], k: int = 10) -> float:
+    """Mean NDCG@k with one relevant item per case (0.0 for no cases)."""
+    per_case = ndcg_per_case(ranked_lists, targets, k)
+    return float(per_case.mean()) if len(per_case) else 0.0
 
 
 def mrr_at_k(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int], k: int = 10) -> float:
@@ -67,3 +72,21 @@ def summarize(ranked_lists: Sequence[Iterable[int]], targets: Sequence[int],
     out.update({f"NDCG@{k}": ndcg_at_k(ranked_lists, targets, k) for k in ks if k > 1})
     out["n"] = len(targets)
     return out
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], draws: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> dict:
+    """The mean of a - b over the same cases and its percentile interval at `level`, from `draws`
+    resamples of the cases: {'diff', 'low', 'high', 'n'}. An interval that excludes 0 says the two
+    methods differ by more than which cases were drawn can explain."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired scores need the same cases: shapes {a.shape} and {b.shape}")
+    if not len(a):
+        return {"diff": 0.0, "low": 0.0, "high": 0.0, "n": 0}
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(draws, len(diff)))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return {"diff": float(diff.mean()), "low": float(low), "high": float(high), "n": int(len(diff))}

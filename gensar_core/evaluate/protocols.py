@@ -25,7 +25,7 @@ import pandas as pd
 
 from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.context import SPLIT_CODES, TASK_CODES, TASKS, EvalContext
-from gensar_core.evaluate.metrics import summarize
+from gensar_core.evaluate.metrics import ndcg_per_case, summarize
 from gensar_core.evaluate.ranking import Ranker, ScoreRanker, allowed_mask, top_k
 
 __all__ = [
@@ -124,12 +124,13 @@ def clean_ranked_lists(lists: Sequence[np.ndarray], cases: pd.DataFrame, n_items
 
 def evaluate_ranker(ranker: Ranker, cfg: PipelineConfig, split: str = "test", *,
                     ctx: Optional[EvalContext] = None, tasks: Sequence[str] = TASKS,
-                    protocols: Optional[Sequence[str]] = None) -> dict:
+                    protocols: Optional[Sequence[str]] = None, per_case: Optional[dict] = None) -> dict:
     """Metrics of one ranker per protocol and task: {protocol: {task: metrics or None}}.
 
     metrics: HR@k / NDCG@k for `evaluate.ks`, `n` (cases), `seconds`, and `dropped` when the
     ranker returned items the protocol does not allow. None: the ranker does not handle the task.
-    Pass `ctx` to share loaded data (and the sampled candidates) between rankers.
+    Pass `ctx` to share loaded data (and the sampled candidates) between rankers, and a dict as
+    `per_case` to get each case's NDCG@k (the largest k) in it, by (protocol, task).
     """
     ctx = ctx or EvalContext(cfg)
     protocols = list(protocols or cfg.evaluate.protocols)
@@ -151,6 +152,8 @@ def evaluate_ranker(ranker: Ranker, cfg: PipelineConfig, split: str = "test", *,
                 continue
             lists, dropped = clean_ranked_lists(lists, cases, ctx.n_items, k, candidates)
             metrics = summarize(lists, cases["target"].to_numpy(), ks)
+            if per_case is not None:
+                per_case[(protocol, task)] = ndcg_per_case(lists, cases["target"].to_numpy(), k)
             metrics["seconds"] = round(time.perf_counter() - started, 3)
             if any(dropped.values()):
                 metrics["dropped"] = dropped

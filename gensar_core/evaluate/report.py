@@ -5,6 +5,7 @@ report whole). `results` is what `run_evaluate` builds:
 
     {"methods": {method: {protocol: {task: metrics | None}}},
      "descriptions": {method: str}, "info": {method: dict}, "meta": {...},
+     "paired": {method: {task: {"against", "diff", "low", "high", "n"}}},
      "seed_groups": {model: [rows]}, "seed_summary": {model: {protocol: {task: {metric: stats}}}}}
 
 (the last two only when `evaluate.seeds` retrains some models at more seeds).
@@ -20,7 +21,7 @@ import numpy as np
 
 from gensar_core import tracking
 from gensar_core.config import PipelineConfig
-from gensar_core.evaluate.metrics import metric_names
+from gensar_core.evaluate.metrics import metric_names, paired_bootstrap
 from gensar_core.evaluate.protocols import PROTOCOL_LABELS, PROTOCOLS, TASKS
 from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic
 
@@ -89,6 +90,40 @@ def seed_table(results: dict, protocol: str, k: int = 10) -> str:
     return "\n".join(lines)
 
 
+def paired_against_best(methods: dict, per_case: dict, baselines: Sequence[str], protocol: str = "full",
+                        metric: str = "NDCG@10", seed: int = 0) -> dict:
+    """Each method that is not a baseline against the best baseline of each task (by `metric` on
+    `protocol`), case by case: the mean difference of per-case NDCG@10 and its 95% bootstrap
+    interval (metrics.paired_bootstrap). {method: {task: {against, diff, low, high, n}}}."""
+    out: dict = {}
+    for task in TASKS:
+        scored = [b for b in baselines if (methods[b].get(protocol) or {}).get(task)]
+        if not scored:
+            continue
+        best = max(scored, key=lambda b: methods[b][protocol][task][metric])
+        for method in methods:
+            if method in baselines or (protocol, task) not in per_case.get(method, {}):
+                continue
+            stats = paired_bootstrap(per_case[method][(protocol, task)], per_case[best][(protocol, task)], seed=seed)
+            out.setdefault(method, {})[task] = {"against": best, **stats}
+    return out
+
+
+def paired_table(results: dict) -> str:
+    paired = results.get("paired") or {}
+    lines = ["| Method | " + " | ".join(f"{TASK_SHORT[t]} NDCG@10 minus the best baseline [95% interval]"
+                                       for t in TASKS) + " |",
+             "|---|" + "---|" * len(TASKS)]
+    for method, by_task in paired.items():
+        cells = []
+        for task in TASKS:
+            p = by_task.get(task)
+            cells.append("n/a" if p is None else
+                         f"{p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] vs {p['against']}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(results: dict, protocol: str, ks: Sequence[int] = (1, 5, 10)) -> str:
     """One row per method; HR/NDCG columns for recommendation, then for search."""
     names = metric_names(ks)
@@ -131,6 +166,11 @@ def markdown_report(results: dict) -> str:
                     f"negatives). Re-ranking a short list, not retrieval, so not comparable with the full-ranking "
                     f"numbers above (for recommendation it gives several times higher ones).", ""]
         out += [markdown_table(results, protocol, ks), ""]
+        if protocol == "full" and results.get("paired"):
+            out += ["Paired with the best baseline of each task on the same cases: the mean difference "
+                    "of per-case NDCG@10 and its 95% interval over 2,000 bootstrap draws of the cases. An "
+                    "interval that holds 0 is a difference the choice of cases alone can explain.", "",
+                    paired_table(results), ""]
         if results.get("seed_summary"):
             k = 10 if 10 in ks else max(ks)
             out += ["Models trained at several seeds (`evaluate.seeds`; rows `<model>@seed<S>` above): "
@@ -230,6 +270,10 @@ def flat_metrics(results: dict) -> dict[str, float]:
                 for key, value in (metrics or {}).items():
                     if isinstance(value, (int, float)) and key not in ("seconds",):
                         out[f"eval/{method}/{protocol}/{task}/{key}"] = value
+    for method, by_task in results.get("paired", {}).items():
+        for task, p in by_task.items():
+            for key in ("diff", "low", "high"):
+                out[f"eval/{method}/paired/{task}/{key}"] = p[key]
     for name, by_protocol in results.get("seed_summary", {}).items():
         for protocol, by_task in by_protocol.items():
             for task, stats in (by_task or {}).items():

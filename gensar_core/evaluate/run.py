@@ -14,7 +14,8 @@ from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.context import TASKS, EvalContext
 from gensar_core.evaluate.protocols import evaluate_ranker
 from gensar_core.evaluate.ranking import Ranker
-from gensar_core.evaluate.report import log_to_mlflow, seed_groups, seed_summary, write_report
+from gensar_core.evaluate.report import (log_to_mlflow, paired_against_best, seed_groups, seed_summary,
+                                         write_report)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
     ecfg = cfg.evaluate
     ctx = ctx or EvalContext(cfg)
     rankers: dict[str, Ranker] = dict(build_baselines(ctx))
+    baselines = list(rankers)
     for name, ranker in (extra_rankers or {}).items():
         if name in rankers:
             raise ValueError(f"extra ranker {name!r} has a baseline's name")
@@ -45,10 +47,11 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
         rankers[name] = ranker
 
     cases = {task: len(ctx.cases(ecfg.split, task)) for task in TASKS}
-    methods, descriptions, info = {}, {}, {}
+    methods, descriptions, info, per_case = {}, {}, {}, {}
     for name, ranker in rankers.items():
         t0 = time.perf_counter()
-        methods[name] = evaluate_ranker(ranker, cfg, ecfg.split, ctx=ctx)
+        per_case[name] = {}
+        methods[name] = evaluate_ranker(ranker, cfg, ecfg.split, ctx=ctx, per_case=per_case[name])
         descriptions[name] = getattr(ranker, "description", "") or type(ranker).__name__
         info[name] = ranker.info() if hasattr(ranker, "info") else {}
         log.info("evaluate %s: %.1fs %s", name, time.perf_counter() - t0,
@@ -68,6 +71,7 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
             **ctx.describe(),
         },
     }
+    results["paired"] = paired_against_best(methods, per_case, baselines, seed=cfg.seed)
     groups = seed_groups(ecfg.seeds, list(methods))
     if groups:
         results.update(seed_groups=groups, seed_summary=seed_summary(methods, groups))
