@@ -61,18 +61,18 @@ class GenerativeRanker:
         # a model folder, or a Backbone in memory (validation during training)
         self.backbone = model_dir if isinstance(model_dir, Backbone) else load_trained(model_dir, device=device)
         self.model, self.tokenizer, self.kind = self.backbone.model, self.backbone.tokenizer, self.backbone.kind
-        # what the decoder runs: the model and its ensemble members
-        self.models = [self.model, *(self.member(folder, device) for folder in members)]
         self.device = next(self.model.parameters()).device
         self.beam_size, self.scoring, self.batch_size = beam_size, scoring, batch_size
         self.max_rec, self.max_search, self.max_input = max_rec_history, max_search_history, max_input_length
         self.name, self.tasks = name, tuple(tasks)
         label = self.backbone.label if isinstance(model_dir, Backbone) else Path(model_dir).name
-        ensemble = f", ensemble of {len(self.models)} models" if len(self.models) > 1 else ""
-        self.description = f"generative model {label}{ensemble}, constrained beam {beam_size}, {scoring} scoring"
         ids = identifiers.sort_values("item_idx").reset_index(drop=True)
         self.item_idx = ids["item_idx"].to_numpy(np.int64)
         self.item_ids = {str(r.item_id): ItemIds(r.semantic_id, r.collaborative_id) for r in ids.itertuples()}
+        # what the decoder runs: the model and its ensemble members
+        self.models = [self.model, *(self.member(folder, device) for folder in members)]
+        ensemble = f", ensemble of {len(self.models)} models" if len(self.models) > 1 else ""
+        self.description = f"generative model {label}{ensemble}, constrained beam {beam_size}, {scoring} scoring"
         # a timeline model (model/timeline.py) reads the whole history, up to its window length
         # (or the shorter `prompt_tokens`)
         self.timeline = None
@@ -98,13 +98,18 @@ class GenerativeRanker:
                                     f"from train.ensemble_seeds)")
         other = load_trained(folder, device=device)
         # the prompts are written once, by the model's settings, for every member
-        prompt_settings = ("formulation", "max_len", "history_ids")
         if (other.tokenizer.get_vocab() != self.tokenizer.get_vocab() or other.kind != self.kind
-                or any(other.source.get(k) != self.backbone.source.get(k) for k in prompt_settings)):
+                or self.prompt_settings(other.source) != self.prompt_settings(self.backbone.source)):
             raise ValueError(f"ensemble member {folder}: its vocabulary, model kind or prompt settings "
-                             f"({', '.join(prompt_settings)}) differ from its ensemble's model; members must be "
-                             f"trained on the same data and settings")
+                             f"(formulation, max_len, history_ids) differ from its ensemble's model; members "
+                             f"must be trained on the same data and settings")
         return other.model
+
+    def prompt_settings(self, source: dict) -> tuple:
+        """What decides how a model's prompts are written: its formulation, its window and, where
+        an item's two IDs differ (not TIGER-style), whether history items carry the other ID's codes."""
+        dual = any(i.semantic_id != i.collaborative_id for i in self.item_ids.values())
+        return source.get("formulation"), source.get("max_len"), dual and bool(source.get("history_ids", False))
 
     # ------------------------------------------------------------------ prompts
     def prompts(self, cases: pd.DataFrame, task: str) -> list[str]:
