@@ -58,15 +58,12 @@ def validate_ensemble(cfg: PipelineConfig, model_dir: Path) -> dict:
     import json
 
     from gensar_core import tracking
-    from gensar_core.model.corpus import apply_id_scheme, enabled_tasks
-    from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
     from gensar_core.model.timeline_train import valid_cases, validate
+    from gensar_core.pipeline import generative_ranker
     from gensar_core.storage import Warehouse, write_json_atomic
 
     wh = Warehouse(cfg.warehouse)
-    ids = apply_id_scheme(wh.read("identifiers/items"), cfg.corpus.id_scheme)
-    tasks = [t for t in ("rec", "search") if t in enabled_tasks(cfg.corpus)]
-    ranker = GenerativeRanker(model_dir, ids, **ranker_settings(cfg), tasks=tasks, members=member_dirs(cfg))
+    ranker = generative_ranker(cfg)  # the model and its members, as evaluation decodes them
     metrics = {f"ensemble/{k}": v for k, v in validate(ranker, valid_cases(cfg, cfg.train.max_valid_examples)).items()}
     log.info("ensemble of %d models, valid: %s", len(ranker.models), {k: round(v, 4) for k, v in metrics.items()})
     summary = wh.path("models", f"{model_dir.name}.metrics.json")
