@@ -71,7 +71,8 @@ def synthetic_events(items: pd.DataFrame, n_users: int, seed: int = 0, min_len: 
 
 
 def write_synthetic_warehouse(root: str | Path, n_items: int = 160, n_users: int = 40, seed: int = 0,
-                              semantic_dim: int | None = 64, sasrec: bool = True, sasrec_epochs: int = 3) -> dict:
+                              semantic_dim: int | None = 64, sasrec: bool = True, sasrec_epochs: int = 3,
+                              valid_events: int = 1) -> dict:
     """curated/items + splits (+ features/semantic, features/sasrec) under `root`; returns the frames."""
     from gensar_core.data.split import SAMPLE_SCHEMA, SPLITS, make_samples
 
@@ -79,7 +80,7 @@ def write_synthetic_warehouse(root: str | Path, n_items: int = 160, n_users: int
     items = synthetic_items(n_items, seed)
     with atomic_dir(root / "curated" / "items") as stage:
         write_table(items, stage)
-    samples = make_samples(synthetic_events(items, n_users, seed), SplitConfig())
+    samples = make_samples(synthetic_events(items, n_users, seed), SplitConfig(valid_events=valid_events))
     splits = {}
     for name in SPLITS:
         part = samples[samples["split"] == name]

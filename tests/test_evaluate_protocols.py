@@ -66,6 +66,22 @@ def test_cases_follow_the_splits(ctx, warehouse):
     assert set(valid.exclude.tolist()) == {ctx.item_index[i] for i in train_items}
 
 
+def test_valid_cases_of_several_valid_events_see_every_earlier_event(tmp_path):
+    frames = write_synthetic_warehouse(tmp_path, n_items=160, n_users=12, semantic_dim=None, sasrec=False,
+                                       valid_events=3)
+    ctx = make_ctx(tmp_path)
+    valid = pd.concat([ctx.cases("valid", "rec"), ctx.cases("valid", "search")])
+    assert len(valid) == len(frames["valid"]) == 3 * frames["valid"]["user_id"].nunique()
+    ordered = pd.concat([frames["train"], frames["valid"]]).sort_values(["user_id", "ts", "position"])
+    for case in valid.itertuples():
+        mine = ordered[ordered["user_id"] == case.user_id]
+        before = mine[(mine["ts"] < case.ts) | ((mine["ts"] == case.ts) & (mine["position"] < case.position))]
+        expected = [ctx.item_index[i] for i in before["item_id"]]
+        assert case.seq.tolist() == expected  # train, then the earlier valid events
+        assert set(case.exclude.tolist()) == set(expected)  # the earlier valid items are history too
+        assert len(case.timeline) == len(expected)
+
+
 def test_full_ranking_excludes_history(ctx):
     cfg = ctx.cfg
     ranker = HistoryFirst(ctx)

@@ -33,7 +33,7 @@ def test_leave_one_out_and_histories():
         ("u2", "i1", 5, "rec", None, None),
         ("u2", "i2", 6, "rec", None, None),
     ]
-    s = make_samples(_events(rows), SplitConfig(kcore=0, max_rec_history=1, max_search_history=1))
+    s = make_samples(_events(rows), SplitConfig(kcore=0, valid_events=1, max_rec_history=1, max_search_history=1))
     u1 = s[s.user_id == "u1"].set_index("item_id")
     assert u1["split"].to_dict() == {"i1": "train", "i2": "train", "i3": "train", "i4": "valid", "i5": "test"}
     assert (s[s.user_id == "u2"]["split"] == "train").all()  # fewer than 3 events
@@ -42,6 +42,14 @@ def test_leave_one_out_and_histories():
     assert [(h["behavior"], h["item_id"], h["query"]) for h in hist] == [("rec", "i3", None), ("search", "i4", "blue hat")]
     assert u1.loc["i1", "history"] == []
     assert [h["item_id"] for h in u1.loc["i4", "history"]] == ["i2", "i3"]
+
+
+def test_leave_one_out_with_several_valid_events_keeps_a_train_event():
+    rows = [(u, f"i{k}", k, "rec", None, None) for u, n in (("long", 6), ("short", 3)) for k in range(n)]
+    s = make_samples(_events(rows), SplitConfig(valid_events=3))
+    splits = {u: s[s.user_id == u].sort_values("ts")["split"].tolist() for u in ("long", "short")}
+    assert splits["long"] == ["train", "train", "valid", "valid", "valid", "test"]
+    assert splits["short"] == ["train", "valid", "test"]  # at least one train event stays
 
 
 def test_history_limits_keep_the_most_recent():
@@ -78,7 +86,8 @@ def test_run_split_writes_the_three_tables(tmp_path):
         write_table(_events(rows), stage / "events")
     manifest = run_split(cfg)
     assert manifest["events_in"] == 21 and manifest["events_after_kcore"] == 20
-    assert {k: v["samples"] for k, v in manifest["splits"].items()} == {"train": 10, "valid": 5, "test": 5}
+    # 4 events a user: one train event stays, then 2 of the 3 default valid events
+    assert {k: v["samples"] for k, v in manifest["splits"].items()} == {"train": 5, "valid": 10, "test": 5}
     test = read(cfg.warehouse / "splits" / "test")
     assert list(test.columns) == ["user_id", "item_id", "ts", "behavior", "query", "session_id", "position", "history"]
     assert (test["position"] == 3).all() and test["history"].map(len).eq(3).all()

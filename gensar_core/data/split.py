@@ -49,12 +49,14 @@ def kcore_filter(events: pd.DataFrame, k: int) -> pd.DataFrame:
         events = events[keep]
 
 
-def leave_one_out(events: pd.DataFrame) -> pd.Series:
-    """Per user: last event test, second last valid, the rest train (users with < 3: all train)."""
+def leave_one_out(events: pd.DataFrame, valid_events: int = 1) -> pd.Series:
+    """Per user: last event test, the `valid_events` before it valid, the rest train. At least one
+    train event stays per user (users with < 3 events: all train)."""
     pos = events.groupby("user_id", sort=False).cumcount()
     size = events.groupby("user_id", sort=False)["user_id"].transform("size")
+    first_valid = np.maximum(size - 1 - valid_events, 1)
     split = np.where(size < 3, "train", np.where(pos == size - 1, "test",
-                                                 np.where(pos == size - 2, "valid", "train")))
+                                                 np.where(pos >= first_valid, "valid", "train")))
     return pd.Series(split, index=events.index)
 
 
@@ -99,7 +101,7 @@ def make_samples(events: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     events = order_events(kcore_filter(events, cfg.kcore))
     events["position"] = events.groupby("user_id", sort=False).cumcount().astype("int64")
     if cfg.strategy == "leave_one_out":
-        events["split"] = leave_one_out(events)
+        events["split"] = leave_one_out(events, cfg.valid_events)
     else:
         events["split"] = chronological(events, cfg.train_share, cfg.valid_share)
     events["history"] = histories(events, cfg.max_rec_history, cfg.max_search_history)

@@ -153,19 +153,18 @@ def evaluate_next_item(
 ) -> dict:
     """Rank each held-out event's item given everything the user did before it.
 
-    The model sees the user's train sequence plus earlier held-out events (chronological splits
-    can hold several per user); the user's train items are excluded from the ranking.
+    The model sees the user's train sequence plus earlier held-out events (a split can hold
+    several per user); every item the user had before the event is excluded from the ranking.
     """
     held = heldout.sort_values(["user_id", "ts", "position"], kind="stable")
     histories, targets, exclude = [], [], []
     for user, rows in held.groupby("user_id", sort=False):
-        seen = list(train.get(str(user), []))
-        before = list(seen)
+        before = list(train.get(str(user), []))
         for item_id in rows["item_id"]:
             target = item_index[item_id]
             histories.append(list(before))
             targets.append(target)
-            exclude.append(seen)
+            exclude.append(list(before))
             before.append(target)
     if not targets:
         return {f"hr@{k}": 0.0, f"ndcg@{k}": 0.0, "n": 0}

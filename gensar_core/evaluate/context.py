@@ -14,8 +14,9 @@ rows without a query are dropped), ordered by (user_id, ts, position), with thes
                 earlier splits (train; train + valid when evaluating test), then earlier events
                 of the same split (chronological splits hold several per user), ordered by
                 (ts, position), both behaviours interleaved. SASRec's input.
-    exclude     unique item_idx of the earlier splits' events: removed from full-catalogue
-                rankings (a target that is itself in there counts as a miss, as in RecBole)
+    exclude     unique item_idx of `seq` (the user's every event before the case): removed from
+                full-catalogue rankings (a target that is itself in there counts as a miss, as
+                in RecBole)
     timeline    the same events as `seq`, as dicts (behavior, item_id, query): the whole
                 interleaved history a timeline model reads (`history` is capped at 5 + 5)
 """
@@ -176,8 +177,6 @@ class EvalContext:
         cols = ["user_id", "item_id", "ts", "position", "behavior", "query"]
         earlier = [self.split(s)[cols] for s in EARLIER_SPLITS[split]]
         before = _sequences(pd.concat(earlier, ignore_index=True), self.item_index) if earlier else {}
-        exclude = {u: np.unique(np.asarray(seq, dtype=np.int64)) for u, seq in before.items()}
-        empty = np.zeros(0, dtype=np.int64)
 
         df = self.split(split).sort_values(["user_id", "ts", "position"], kind="stable").reset_index(drop=True)
         targets = df["item_id"].map(self.item_index).to_numpy(dtype=np.int64)
@@ -185,19 +184,20 @@ class EvalContext:
         events_before = user_events(pd.concat(earlier, ignore_index=True)) if earlier else {}
         own = [{"behavior": b, "item_id": i, "query": _text(q)}
                for b, i, q in zip(df["behavior"], df["item_id"], df["query"])]
-        seqs, timelines, so_far, events, current = [], [], [], [], None
+        seqs, excludes, timelines, so_far, events, current = [], [], [], [], [], None
         for i in range(len(df)):
             if users[i] != current:
                 current, so_far = users[i], list(before.get(users[i], []))
                 events = list(events_before.get(users[i], []))
             seqs.append(np.asarray(so_far, dtype=np.int64))
+            excludes.append(np.unique(seqs[-1]))
             timelines.append(list(events))
             so_far.append(int(targets[i]))
             events.append(own[i])
         df["target"] = targets
         df["seq"] = seqs
         df["timeline"] = timelines
-        df["exclude"] = [exclude.get(u, empty) for u in users]
+        df["exclude"] = excludes
 
         df = df[df["behavior"] == task]
         if task == "search":
