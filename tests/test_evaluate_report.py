@@ -45,7 +45,7 @@ class RecOnly:
 def test_report_files_table_and_plugged_in_rankers(root):
     cfg = config(root)
     ctx = EvalContext(cfg, query_encoder=hash_encoder(DIM))
-    out = run_evaluate(cfg, {"oracle": Oracle(), "rec-only": RecOnly()}, ctx=ctx)
+    out = run_evaluate(cfg, {"gensar": Oracle(), "rec-only": RecOnly()}, ctx=ctx)
     folder = root / "reports" / "eval-test"
     assert out["report"]["dir"] == str(folder)
     for name in ("report.md", "metrics.json", "tradeoff.png"):
@@ -53,7 +53,7 @@ def test_report_files_table_and_plugged_in_rankers(root):
     assert (folder / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     md = (folder / "report.md").read_text()
-    methods = list(BASELINES) + ["oracle", "rec-only"]
+    methods = list(BASELINES) + ["gensar", "rec-only"]
     for protocol_title in ("Full-catalogue ranking", "target among 100 candidates"):
         assert protocol_title in md
     assert "excluded" in md  # the history exclusion is stated
@@ -66,24 +66,30 @@ def test_report_files_table_and_plugged_in_rankers(root):
     assert len(rows) == 2 * len(methods)  # one table per protocol
     for m in methods:
         assert sum(1 for r in rows if r.startswith(f"| {m} |")) == 2
-    oracle_row = next(r for r in rows if r.startswith("| oracle |"))
+    oracle_row = next(r for r in rows if r.startswith("| gensar |"))
     assert oracle_row.count("1.0000") == 10
     assert "n/a" in next(r for r in rows if r.startswith("| rec-only |"))
 
     # the plugged-in rankers paired with the best baseline of each task, case by case
     paired = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and " vs " in line}
-    assert set(paired) == {"oracle", "rec-only"} and "| n/a |" in paired["rec-only"]
+    assert set(paired) == {"gensar", "rec-only"} and "| n/a |" in paired["rec-only"]
     saved = json.loads((folder / "metrics.json").read_text())
     for task in ("rec", "search"):
-        p = saved["paired"]["oracle"][task]
+        p = saved["paired"]["gensar"][task]
         best = max((b for b in BASELINES), key=lambda b: saved["methods"][b]["full"][task]["NDCG@10"])
         assert p["against"] == best and p["n"] == out["cases"][task]
         assert p["diff"] == pytest.approx(1.0 - saved["methods"][best]["full"][task]["NDCG@10"])
         assert p["low"] <= p["diff"] <= p["high"]
     assert "search" not in saved["paired"]["rec-only"]
+    # and every other plugged-in model with the headline model (`gensar`, here the oracle)
+    assert "minus gensar" in md and set(saved["paired_headline"]) == {"rec-only"}
+    p = saved["paired_headline"]["rec-only"]["rec"]
+    rec_only = saved["methods"]["rec-only"]["full"]["rec"]["NDCG@10"]
+    assert p["against"] == "gensar" and p["diff"] == pytest.approx(rec_only - 1.0)
+    assert "search" not in saved["paired_headline"]["rec-only"]
 
     assert set(saved["methods"]) == set(methods)
-    assert saved["methods"]["oracle"]["sampled"]["search"]["HR@1"] == 1.0
+    assert saved["methods"]["gensar"]["sampled"]["search"]["HR@1"] == 1.0
     assert saved["meta"]["cases"] == out["cases"] and out["cases"]["rec"] > 0 and out["cases"]["search"] > 0
     assert saved["info"]["bm25+sasrec"]["alpha"] == 0.5
 

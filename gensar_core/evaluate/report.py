@@ -5,7 +5,8 @@ report whole). `results` is what `run_evaluate` builds:
 
     {"methods": {method: {protocol: {task: metrics | None}}},
      "descriptions": {method: str}, "info": {method: dict}, "meta": {...},
-     "paired": {method: {task: {"against", "diff", "low", "high", "n"}}},
+     "paired": {method: {task: {"against", "diff", "low", "high", "n"}}},   (vs the best baseline)
+     "paired_headline": {...the same, vs the headline model `gensar`},
      "seed_groups": {model: [rows]}, "seed_summary": {model: {protocol: {task: {metric: stats}}}}}
 
 (the last two only when `evaluate.seeds` retrains some models at more seeds).
@@ -90,28 +91,37 @@ def seed_table(results: dict, protocol: str, k: int = 10) -> str:
     return "\n".join(lines)
 
 
-def paired_against_best(methods: dict, per_case: dict, baselines: Sequence[str], protocol: str = "full",
-                        metric: str = "NDCG@10", seed: int = 0) -> dict:
-    """Each method that is not a baseline against the best baseline of each task (by `metric` on
-    `protocol`), case by case: the mean difference of per-case NDCG@10 and its 95% bootstrap
-    interval (metrics.paired_bootstrap). {method: {task: {against, diff, low, high, n}}}."""
+def paired_against(per_case: dict, reference: dict, skip: Sequence[str] = (), protocol: str = "full",
+                   seed: int = 0) -> dict:
+    """Each method (but `skip` and the reference itself) against `reference[task]`, case by case:
+    the mean difference of per-case NDCG@10 and its 95% bootstrap interval
+    (metrics.paired_bootstrap). {method: {task: {against, diff, low, high, n}}}."""
     out: dict = {}
-    for task in TASKS:
-        scored = [b for b in baselines if (methods[b].get(protocol) or {}).get(task)]
-        if not scored:
+    for task, ref in reference.items():
+        if (protocol, task) not in per_case.get(ref, {}):
             continue
-        best = max(scored, key=lambda b: methods[b][protocol][task][metric])
-        for method in methods:
-            if method in baselines or (protocol, task) not in per_case.get(method, {}):
+        for method, scores in per_case.items():
+            if method == ref or method in skip or (protocol, task) not in scores:
                 continue
-            stats = paired_bootstrap(per_case[method][(protocol, task)], per_case[best][(protocol, task)], seed=seed)
-            out.setdefault(method, {})[task] = {"against": best, **stats}
+            stats = paired_bootstrap(scores[(protocol, task)], per_case[ref][(protocol, task)], seed=seed)
+            out.setdefault(method, {})[task] = {"against": ref, **stats}
     return out
 
 
-def paired_table(results: dict) -> str:
-    paired = results.get("paired") or {}
-    lines = ["| Method | " + " | ".join(f"{TASK_SHORT[t]} NDCG@10 minus the best baseline [95% interval]"
+def paired_against_best(methods: dict, per_case: dict, baselines: Sequence[str], protocol: str = "full",
+                        metric: str = "NDCG@10", seed: int = 0) -> dict:
+    """Each method that is not a baseline against the best baseline of each task (by `metric` on
+    `protocol`): `paired_against` with that baseline as the reference."""
+    best = {}
+    for task in TASKS:
+        scored = [b for b in baselines if (methods[b].get(protocol) or {}).get(task)]
+        if scored:
+            best[task] = max(scored, key=lambda b: methods[b][protocol][task][metric])
+    return paired_against(per_case, best, skip=baselines, protocol=protocol, seed=seed)
+
+
+def paired_table(paired: dict, against: str = "the best baseline") -> str:
+    lines = ["| Method | " + " | ".join(f"{TASK_SHORT[t]} NDCG@10 minus {against} [95% interval]"
                                        for t in TASKS) + " |",
              "|---|" + "---|" * len(TASKS)]
     for method, by_task in paired.items():
@@ -170,7 +180,11 @@ def markdown_report(results: dict) -> str:
             out += ["Paired with the best baseline of each task on the same cases: the mean difference "
                     "of per-case NDCG@10 and its 95% interval over 2,000 bootstrap draws of the cases. An "
                     "interval that holds 0 is a difference the choice of cases alone can explain.", "",
-                    paired_table(results), ""]
+                    paired_table(results["paired"]), ""]
+        if protocol == "full" and results.get("paired_headline"):
+            out += ["Each other generative model paired the same way with the headline model (`gensar`): "
+                    "whether a variant's difference from it is more than the choice of cases.", "",
+                    paired_table(results["paired_headline"], "gensar"), ""]
         if results.get("seed_summary"):
             k = 10 if 10 in ks else max(ks)
             out += ["Models trained at several seeds (`evaluate.seeds`; rows `<model>@seed<S>` above): "
@@ -270,10 +284,11 @@ def flat_metrics(results: dict) -> dict[str, float]:
                 for key, value in (metrics or {}).items():
                     if isinstance(value, (int, float)) and key not in ("seconds",):
                         out[f"eval/{method}/{protocol}/{task}/{key}"] = value
-    for method, by_task in results.get("paired", {}).items():
-        for task, p in by_task.items():
-            for key in ("diff", "low", "high"):
-                out[f"eval/{method}/paired/{task}/{key}"] = p[key]
+    for section, label in (("paired", "paired"), ("paired_headline", "paired_gensar")):
+        for method, by_task in results.get(section, {}).items():
+            for task, p in by_task.items():
+                for key in ("diff", "low", "high"):
+                    out[f"eval/{method}/{label}/{task}/{key}"] = p[key]
     for name, by_protocol in results.get("seed_summary", {}).items():
         for protocol, by_task in by_protocol.items():
             for task, stats in (by_task or {}).items():

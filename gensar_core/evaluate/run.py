@@ -14,8 +14,8 @@ from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.context import TASKS, EvalContext
 from gensar_core.evaluate.protocols import evaluate_ranker
 from gensar_core.evaluate.ranking import Ranker
-from gensar_core.evaluate.report import (log_to_mlflow, paired_against_best, seed_groups, seed_summary,
-                                         write_report)
+from gensar_core.evaluate.report import (log_to_mlflow, paired_against, paired_against_best, seed_groups,
+                                         seed_summary, write_report)
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,16 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
         "meta": {
             "name": name, "split": ecfg.split, "cases": cases, "protocols": list(ecfg.protocols),
             "ks": sorted(set(ecfg.ks)), "num_candidates": ecfg.num_candidates,
-            "history_excluded": "full protocol: items of the user's earlier splits (train, plus valid "
-                                "for test) are removed from the ranking",
+            "history_excluded": "full protocol: the items of every event of the user before the case "
+                                "are removed from the ranking",
             "config": cfg.fingerprint(), "seconds": round(time.perf_counter() - started, 2),
             **ctx.describe(),
         },
     }
     results["paired"] = paired_against_best(methods, per_case, baselines, seed=cfg.seed)
+    if "gensar" in per_case:
+        results["paired_headline"] = paired_against(per_case, {task: "gensar" for task in TASKS}, skip=baselines,
+                                                    seed=cfg.seed)
     groups = seed_groups(ecfg.seeds, list(methods))
     if groups:
         results.update(seed_groups=groups, seed_summary=seed_summary(methods, groups))
