@@ -58,7 +58,7 @@ def test_cli_on_the_embedded_default(tmp_path):
     out = subprocess.run([sys.executable, "-m", "gensar_core.cli", "split"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "test: 943 samples" in out.stdout and "valid: 943 samples" in out.stdout
+    assert "test: 943 samples" in out.stdout and "valid: 2829 samples" in out.stdout  # 3 valid events a user
 
 
 def test_cli_reports_bad_config_clearly(tmp_path):
