@@ -49,7 +49,7 @@ def kcore_filter(events: pd.DataFrame, k: int) -> pd.DataFrame:
         events = events[keep]
 
 
-def leave_one_out(events: pd.DataFrame, valid_events: int = 1) -> pd.Series:
+def leave_one_out(events: pd.DataFrame, valid_events: int) -> pd.Series:
     """Per user: last event test, the `valid_events` before it valid, the rest train. At least one
     train event stays per user (users with < 3 events: all train)."""
     pos = events.groupby("user_id", sort=False).cumcount()
