@@ -312,9 +312,11 @@ class TimelineModelConfig(_Strict):
 
     max_len: int = Field(512, ge=16)       # tokens per training window and per prompt (~80 events)
     # tokens of history a prompt keeps when the model ranks (validation, evaluation, batch
-    # scoring, serving), at most max_len; None: max_len. Shorter prompts decode faster (README
-    # validation log 2026-12-07: 256 at three seeds, search +0.009, rec -0.0008; not the default yet)
-    prompt_tokens: Optional[int] = Field(None, ge=16)
+    # scoring, serving), at most max_len; None: max_len. Shorter prompts decode faster. 256 chosen
+    # on valid for the ensemble trained on 512-token windows, by a rule set before the runs
+    # (README validation log, sixth session of 2026-12-07: rec +0.0010, search +0.0018 over 512,
+    # both inside chance; 384 rec -0.0018)
+    prompt_tokens: Optional[int] = Field(256, ge=16)
     d_model: int = Field(128, ge=8)
     d_ff: int = Field(512, ge=8)
     num_heads: int = Field(4, ge=1)
