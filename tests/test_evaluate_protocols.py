@@ -187,3 +187,10 @@ def test_max_cases_samples_a_seeded_subset(warehouse):
     a = make_ctx(warehouse[0], max_cases=5).cases("test", "rec")
     b = make_ctx(warehouse[0], max_cases=5).cases("test", "rec")
     assert len(a) == 5 and a["user_id"].tolist() == b["user_id"].tolist()
+
+
+def test_running_histories_restart_at_each_user():
+    from gensar_core.embed.collaborative import running_histories
+
+    got = running_histories(["a", "a", "b", "b", "b"], [1, 2, 3, 4, 5], {"a": [9], "c": [7]})
+    assert got == [[9], [9, 1], [], [3], [3, 4]]

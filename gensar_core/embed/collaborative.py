@@ -32,7 +32,7 @@ from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic, write_
 
 __all__ = [
     "SASRec", "load_sasrec", "save_sasrec", "user_sequences", "train_sasrec", "rank_metrics",
-    "evaluate_next_item", "run_embed_collaborative",
+    "evaluate_next_item", "running_histories", "run_embed_collaborative",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,19 @@ def user_sequences(events: pd.DataFrame, item_index: dict[str, int]) -> dict[str
     for chunk_users, chunk in zip(np.split(users, bounds), np.split(idx, bounds)):
         if len(chunk):
             out[str(chunk_users[0])] = chunk.tolist()
+    return out
+
+
+def running_histories(users: Sequence, values: Sequence, start: dict) -> list[list]:
+    """For events sorted by user (then time): what each event's user had before it, as a list,
+    that is the user's `start` list followed by the values of their earlier events here. A split
+    with several events a user ranks each from everything before it."""
+    out, so_far, current = [], [], object()
+    for user, value in zip(users, values):
+        if user != current:
+            current, so_far = user, list(start.get(user, []))
+        out.append(list(so_far))
+        so_far.append(value)
     return out
 
 
@@ -157,18 +170,11 @@ def evaluate_next_item(
     several per user); every item the user had before the event is excluded from the ranking.
     """
     held = heldout.sort_values(["user_id", "ts", "position"], kind="stable")
-    histories, targets, exclude = [], [], []
-    for user, rows in held.groupby("user_id", sort=False):
-        before = list(train.get(str(user), []))
-        for item_id in rows["item_id"]:
-            target = item_index[item_id]
-            histories.append(list(before))
-            targets.append(target)
-            exclude.append(list(before))
-            before.append(target)
+    targets = [item_index[item_id] for item_id in held["item_id"]]
     if not targets:
         return {f"hr@{k}": 0.0, f"ndcg@{k}": 0.0, "n": 0}
-    return rank_metrics(model.score(histories), targets, exclude, k)
+    histories = running_histories(held["user_id"].astype(str).tolist(), targets, train)
+    return rank_metrics(model.score(histories), targets, histories, k)
 
 
 # ---------------------------------------------------------------- pipeline step

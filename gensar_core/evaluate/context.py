@@ -174,30 +174,24 @@ class EvalContext:
         return self._cases[key]
 
     def _build_cases(self, split: str, task: str) -> pd.DataFrame:
+        from gensar_core.embed.collaborative import running_histories
+
         cols = ["user_id", "item_id", "ts", "position", "behavior", "query"]
         earlier = [self.split(s)[cols] for s in EARLIER_SPLITS[split]]
         before = _sequences(pd.concat(earlier, ignore_index=True), self.item_index) if earlier else {}
 
         df = self.split(split).sort_values(["user_id", "ts", "position"], kind="stable").reset_index(drop=True)
         targets = df["item_id"].map(self.item_index).to_numpy(dtype=np.int64)
-        users = df["user_id"].to_numpy()
+        users = df["user_id"].tolist()
         events_before = user_events(pd.concat(earlier, ignore_index=True)) if earlier else {}
         own = [{"behavior": b, "item_id": i, "query": _text(q)}
                for b, i, q in zip(df["behavior"], df["item_id"], df["query"])]
-        seqs, excludes, timelines, so_far, events, current = [], [], [], [], [], None
-        for i in range(len(df)):
-            if users[i] != current:
-                current, so_far = users[i], list(before.get(users[i], []))
-                events = list(events_before.get(users[i], []))
-            seqs.append(np.asarray(so_far, dtype=np.int64))
-            excludes.append(np.unique(seqs[-1]))
-            timelines.append(list(events))
-            so_far.append(int(targets[i]))
-            events.append(own[i])
+        # each case sees every event before it: the earlier splits, then this split's earlier events
+        seqs = [np.asarray(seq, dtype=np.int64) for seq in running_histories(users, targets.tolist(), before)]
         df["target"] = targets
         df["seq"] = seqs
-        df["timeline"] = timelines
-        df["exclude"] = excludes
+        df["timeline"] = running_histories(users, own, events_before)
+        df["exclude"] = [np.unique(seq) for seq in seqs]
 
         df = df[df["behavior"] == task]
         if task == "search":
