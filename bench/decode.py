@@ -16,8 +16,8 @@ the step's codebook rows only) and "prefix" (softmax over the valid continuation
 tokens not computed); `generate` runs with each too, "level" and "prefix" with a logits
 processor that renormalises over the same tokens, so every scoring is checked against generate.
 With --model (a trained model) it also prints how often the default scoring ranks as generate's
-own does. The encoder (or prompt) pass alone is timed
-too: generate pays it once per input (ours runs T5's encoder on the real tokens only, packed).
+own does. The encoder (or prompt) pass alone is timed too: generate pays it once per input (ours
+runs T5's encoder on the real tokens only, packed).
 Batches alternate between the decoders, so load from other processes skews the ratio less.
 
     python bench/decode.py                      # random small T5 (~8.8M), 1,682 items, codebook 256
@@ -106,7 +106,8 @@ def trained_setup(args):
     if not args.warehouse:
         raise SystemExit("--model needs --warehouse (the warehouse whose identifiers it was trained on)")
     wh = Warehouse(args.warehouse)
-    ranker = GenerativeRanker(args.model, wh.read("identifiers/items"), beam_size=args.beam)
+    # only its prompts and prefix index are used; the runs below decode with each scoring
+    ranker = GenerativeRanker(args.model, wh.read("identifiers/items"), beam_size=args.beam, scoring="level")
     task = "rec" if args.id == "collaborative" else "search"
     cases = wh.read("splits/test")
     cases = cases[cases["behavior"] == task].head(args.batch * (args.batches + 1))
@@ -152,12 +153,11 @@ def main(argv=None) -> dict:
     # "hf" is the research code's way and the speed baseline; "hf/level" and "hf/prefix" are
     # generate renormalised as ours' scorings are, the references ours/level and ours/prefix must match
     runs = {"hf": lambda i, m: hf_beam_search(model, i, m, index, args.beam, args.top_k, prefix, "vocab")}
-    for scoring in ("level", "prefix"):
-        runs[f"hf/{scoring}"] = (lambda s: lambda i, m: hf_beam_search(
-            model, i, m, index, args.beam, args.top_k, prefix, s))(scoring)
-    for scoring in ("vocab", "level", "prefix"):
-        runs[f"ours/{scoring}"] = (lambda s: lambda i, m: constrained_beam_search(
-            model, i, m, index, args.beam, args.top_k, prefix, s))(scoring)
+    for s in ("level", "prefix"):
+        runs[f"hf/{s}"] = lambda i, m, s=s: hf_beam_search(model, i, m, index, args.beam, args.top_k, prefix, s)
+    for s in ("vocab", "level", "prefix"):
+        runs[f"ours/{s}"] = lambda i, m, s=s: constrained_beam_search(model, i, m, index, args.beam, args.top_k,
+                                                                     prefix, s)
     reference = {"hf": "hf", "hf/level": "hf/level", "hf/prefix": "hf/prefix", "ours/vocab": "hf",
                  "ours/level": "hf/level", "ours/prefix": "hf/prefix"}
     if model.config.is_encoder_decoder:  # the one pass both decoders must make: a floor for either

@@ -53,8 +53,8 @@ def ranker_settings(cfg) -> dict:
 class GenerativeRanker:
     """Ranks items for 'rec' and 'search' cases with a model folder written by `run_train`."""
 
-    def __init__(self, model_dir: str | Path | Backbone, identifiers: pd.DataFrame, *, beam_size: int = 20,
-                 scoring: str = "prefix", batch_size: int = 16, max_rec_history: int = 5, max_search_history: int = 5,
+    def __init__(self, model_dir: str | Path | Backbone, identifiers: pd.DataFrame, *, beam_size: int,
+                 scoring: str, batch_size: int = 16, max_rec_history: int = 5, max_search_history: int = 5,
                  max_input_length: int = 192, device: Optional[str] = None, name: str = "gensar",
                  tasks: Sequence[str] = ("rec", "search"), prompt_tokens: Optional[int] = None,
                  members: Sequence[str | Path] = ()):
