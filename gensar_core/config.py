@@ -317,6 +317,12 @@ class TimelineModelConfig(_Strict):
     # (README validation log, sixth session of 2026-12-07: rec +0.0010, search +0.0018 over 512,
     # both inside chance; 384 rec -0.0018)
     prompt_tokens: Optional[int] = Field(256, ge=16)
+    # more prompt lengths each model also reads when it ranks (evaluation, registry gate, batch
+    # scoring, serving; not in-training validation, which reads `prompt_tokens` alone): every
+    # (model, length) pair is decoded as an ensemble member, the mean of their next-token
+    # distributions. [128, 512] chosen on valid (the same log: rec +0.0026, search +0.0013 over
+    # 256 alone, both inside chance; 3x the decoding time); []: one length
+    extra_prompt_tokens: list[Annotated[int, Field(ge=16)]] = [128, 512]
     d_model: int = Field(128, ge=8)
     d_ff: int = Field(512, ge=8)
     num_heads: int = Field(4, ge=1)
@@ -496,6 +502,12 @@ class EvaluateConfig(_Strict):
     # (generate's own scores). 'level' chosen on valid with beam 40 (the same log: search +0.0046
     # over 'prefix', beyond chance, rec level; decoding 1.1x the time of beam 20 'prefix')
     scoring: Literal["prefix", "level", "vocab"] = "level"
+    # search ranks its beam by the search log-prob plus this times the log-prob the same model's
+    # recommendation head gives each item after the user's history (a personal prior: which of the
+    # items that match the query this user would pick); 0: off. Models trained for both tasks only.
+    # 0.5 chosen on valid for the default ensemble (README validation log, seventh session of
+    # 2026-12-07: search +0.0136, beyond chance; about 1.9x the decoding time of search)
+    search_rec_weight: float = Field(0.5, ge=0)
     seed: Optional[int] = None  # None: the pipeline seed
     # more trained generative models in the report, by name: config overrides that select each one
     # (e.g. the rec-only variant: {"gensar-rec-only": ["corpus.tasks.search.enabled=false", ...]});

@@ -99,7 +99,7 @@ def _write_atomic(df: pd.DataFrame, path: Path) -> None:
 def score_cases(ranker, cases: pd.DataFrame, task: str, k: int, item_id_of: np.ndarray) -> pd.DataFrame:
     """Long table: one row per (case, rank) with item_id, item_idx and the model's log-prob."""
     rows = []
-    ranked = ranker.top_k_unseen(ranker.prompts(cases, task), task, k, cases["exclude"])
+    ranked = ranker.top_k_unseen(cases, task, k)
     for c, (items, scores) in enumerate(ranked):
         rows += [(c, r + 1, int(i), float(s)) for r, (i, s) in enumerate(zip(items, scores))]
     out = pd.DataFrame(rows, columns=["case", "rank", "item_idx", "score"])

@@ -211,9 +211,9 @@ class GenSARModel(PythonModel):
             if not rows:
                 continue
             sub = pd.DataFrame({"history": [cases[r].history for r in rows],
-                                "query": [cases[r].query for r in rows]})
-            ranked = self.ranker.top_k_unseen(self.ranker.prompts(sub, task), task,
-                                              max(cases[r].k for r in rows), [cases[r].exclude for r in rows])
+                                "query": [cases[r].query for r in rows],
+                                "exclude": [cases[r].exclude for r in rows]})
+            ranked = self.ranker.top_k_unseen(sub, task, max(cases[r].k for r in rows))
             for r, (found, score) in zip(rows, ranked):
                 items[r] = [str(self.item_id_of[i]) for i in found[:cases[r].k]]
                 scores[r] = [float(s) for s in score[:cases[r].k]]

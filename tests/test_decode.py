@@ -424,23 +424,18 @@ def test_an_ensemble_of_one_model_twice_is_that_model(models, catalogue, kind):
     torch.testing.assert_close(one[1], two[1])
 
 
-@pytest.mark.parametrize("normalize", ["prefix", "vocab"])
-def test_an_ensemble_decodes_the_mean_of_its_members_next_token_distributions(catalogue, normalize):
-    """Beam as wide as the catalogue: every item's score is the sum over its tokens of the log of
-    the members' mean probability, each member's normalised over the same tokens (teacher-forced)."""
-    seqs, items, index = catalogue
-    members = [llama(), llama(initializer_range=0.3)]
-    ids, mask = prompts(users=3)
-    got, got_scores = constrained_beam_search(members, ids, mask, index, ITEMS, ITEMS, prefix_tokens=[REC],
-                                              normalize=normalize)
-    # teacher forcing: prompt + <rec> + the item's tokens, for every item
-    users, n = ids.shape[0], len(items)
-    full = torch.cat([ids.repeat_interleave(n, 0), torch.full((users * n, 1), REC), seqs.repeat(users, 1)], dim=1)
-    full_mask = torch.cat([mask.repeat_interleave(n, 0), torch.ones(users * n, 1 + LEVELS, dtype=mask.dtype)], 1)
-    position = (full_mask.cumsum(-1) - 1).clamp_min(0)
-    start = ids.shape[1]  # the logits at `start + t` predict the item's token t
+def mean_teacher_forced(members, seqs, items, normalize: str) -> torch.Tensor:
+    """[users, items]: the sum over each item's tokens of the log of the mean probability of
+    `members` ((model, input_ids, attention_mask) each: a model and the view of the inputs it
+    reads), each member normalised over the same tokens, by teacher forcing."""
+    users, n = members[0][1].shape[0], len(items)
     probs = []
-    for m in members:
+    for m, ids, mask in members:
+        # prompt + <rec> + the item's tokens, for every item
+        full = torch.cat([ids.repeat_interleave(n, 0), torch.full((users * n, 1), REC), seqs.repeat(users, 1)], dim=1)
+        full_mask = torch.cat([mask.repeat_interleave(n, 0), torch.ones(users * n, 1 + LEVELS, dtype=mask.dtype)], 1)
+        position = (full_mask.cumsum(-1) - 1).clamp_min(0)
+        start = ids.shape[1]  # the logits at `start + t` predict the item's token t
         with torch.no_grad():
             logits = m(input_ids=full, attention_mask=full_mask, position_ids=position).logits.float()
         logits = logits[:, start:start + LEVELS]  # [users * n, LEVELS, V]
@@ -452,9 +447,47 @@ def test_an_ensemble_decodes_the_mean_of_its_members_next_token_distributions(ca
                     allowed[row, t, seqs[same, t]] = True
             logits = logits.masked_fill(~allowed, float("-inf"))
         probs.append(torch.softmax(logits, -1).gather(2, seqs.repeat(users, 1)[:, :, None])[..., 0])
-    want = torch.stack(probs).mean(0).log().sum(-1).view(users, n)  # [users, items]
-    for row in range(users):
+    return torch.stack(probs).mean(0).log().sum(-1).view(users, n)
+
+
+def assert_scores_are(got, got_scores, want, items):
+    for row in range(want.shape[0]):
         order = {int(i): s for i, s in zip(items, want[row])}
         torch.testing.assert_close(got_scores[row], torch.stack([order[int(i)] for i in got[row]]),
                                    atol=1e-3, rtol=1e-4)
         assert bool((got_scores[row][:-1] >= got_scores[row][1:]).all())
+
+
+@pytest.mark.parametrize("normalize", ["prefix", "vocab"])
+def test_an_ensemble_decodes_the_mean_of_its_members_next_token_distributions(catalogue, normalize):
+    """Beam as wide as the catalogue: every item's score is the sum over its tokens of the log of
+    the members' mean probability, each member's normalised over the same tokens (teacher-forced)."""
+    seqs, items, index = catalogue
+    members = [llama(), llama(initializer_range=0.3)]
+    ids, mask = prompts(users=3)
+    got, got_scores = constrained_beam_search(members, ids, mask, index, ITEMS, ITEMS, prefix_tokens=[REC],
+                                              normalize=normalize)
+    want = mean_teacher_forced([(m, ids, mask) for m in members], seqs, items, normalize)
+    assert_scores_are(got, got_scores, want, items)
+
+
+def test_each_member_can_read_its_own_view_of_the_inputs(catalogue):
+    """A model that reads each input at two prompt lengths (a view per member) decodes the mean of
+    its two next-token distributions, exactly as two models would; one view repeated is the model."""
+    seqs, items, index = catalogue
+    model = llama()
+    long_ids, long_mask = prompts(users=3, length=12)
+    short_ids, short_mask = long_ids[:, -5:], long_mask[:, -5:]  # the same prompts, cut to their last 5 tokens
+    got, got_scores = constrained_beam_search([model, model], [long_ids, short_ids], [long_mask, short_mask],
+                                              index, ITEMS, ITEMS, prefix_tokens=[REC], normalize="vocab")
+    want = mean_teacher_forced([(model, long_ids, long_mask), (model, short_ids, short_mask)], seqs, items, "vocab")
+    assert_scores_are(got, got_scores, want, items)
+    long_only = mean_teacher_forced([(model, long_ids, long_mask)], seqs, items, "vocab")
+    assert not torch.allclose(want, long_only, atol=1e-2)  # the short view changes the scores
+    one = constrained_beam_search(model, long_ids, long_mask, index, BEAM, TOP_K, prefix_tokens=[REC])
+    same = constrained_beam_search([model, model], [long_ids, long_ids], [long_mask, long_mask], index, BEAM, TOP_K,
+                                   prefix_tokens=[REC])
+    assert torch.equal(one[0], same[0])
+    torch.testing.assert_close(one[1], same[1])
+    with pytest.raises(ValueError, match="one input batch each"):
+        constrained_beam_search([model, model], [long_ids], [long_mask], index, BEAM, TOP_K, prefix_tokens=[REC])

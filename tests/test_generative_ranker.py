@@ -83,6 +83,31 @@ def test_ranker_gives_the_exact_ranking_and_its_metrics(trained):
     assert result["HR@10"] == pytest.approx(hit_rate_at_k(known, targets, 10), abs=1e-9)
 
 
+def test_search_with_the_rec_prior_ranks_by_both_log_probs(trained):
+    """`evaluate.search_rec_weight` w: with a beam as wide as the catalogue, search lists are the
+    items sorted by log p(semantic ID | search prompt) + w * log p(collaborative ID | rec prompt),
+    history excluded, each teacher-forced; the scores batch scoring writes are those sums."""
+    from gensar_core.config import with_overrides
+
+    n_items = len(Warehouse(trained.warehouse).read("identifiers/items"))
+    cfg = with_overrides(trained, [f"evaluate.beam_size={n_items}", "evaluate.scoring=vocab",
+                                   "evaluate.search_rec_weight=0.5"])
+    ranker = generative_rankers(cfg)["gensar"]
+    assert ranker.search_rec_weight == 0.5 and "search + 0.5 x rec" in ranker.description
+    cases = EvalContext(cfg).cases("test", "search").head(6).reset_index(drop=True)
+    total = (teacher_forced_scores(ranker, ranker.prompts(cases, "search"), "search")
+             + 0.5 * teacher_forced_scores(ranker, ranker.prompts(cases, "rec"), "rec"))
+    for row, exclude in enumerate(cases["exclude"]):
+        total[row, np.asarray(exclude, dtype=np.int64)] = -np.inf
+    ranked = ranker.top_k_unseen(cases, "search", 10)
+    for (items, scores), row in zip(ranked, total):
+        assert len(items) == 10
+        np.testing.assert_allclose(row[items], np.sort(row)[::-1][:10], atol=1e-3)  # the same list, up to ties
+        np.testing.assert_allclose(scores, row[items], atol=1e-3)
+    # a search-only model has no rec head to ask
+    assert generative_rankers(with_overrides(cfg, ["evaluate.search_rec_weight=0"]))["gensar"].search_rec_weight == 0
+
+
 def test_an_untrained_variant_fails_the_evaluation(trained):
     from gensar_core.config import with_overrides
 
@@ -147,7 +172,7 @@ def test_scoring_setting_reaches_the_decoder(trained):
     for scoring in ("prefix", "vocab"):
         ranker = generative_rankers(with_overrides(trained, [f"evaluate.scoring={scoring}"]))["gensar"]
         assert ranker.scoring == scoring
-        items, sc = ranker.decode(ranker.prompts(cases, "rec"), "rec", beam=5, top_k=5)
+        items, sc = ranker.decode(ranker.view_prompts(cases, "rec"), "rec", beam=5, top_k=5)
         scores[scoring] = {(row, item): score for row in range(len(items))
                            for item, score in zip(items[row].tolist(), sc[row].tolist())}
         assert (sc <= 1e-6).all()

@@ -231,16 +231,22 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     rec_cases = ctx.cases("test", "rec")
     widths = [short.encode(short.prompts(rec_cases, "rec"))[0].shape[1], ranker.encode(ranker.prompts(rec_cases, "rec"))[0].shape[1]]
     assert short.max_input == 24 and widths[0] <= 24 < widths[1] <= 64
+    # model.timeline.extra_prompt_tokens: each model also reads the prompts cut to other lengths
+    viewed = GenerativeRanker(folder, ids, **ranker_settings(with_overrides(
+        cfg, ["model.timeline.extra_prompt_tokens=[24, 64, 100]"])))
+    assert viewed.views == (64, 24) and "2 prompt lengths" in viewed.description
+    assert ranker_settings(cfg, validation=True)["extra_prompt_tokens"] == []
     for task in ("rec", "search"):
         cases = ctx.cases("test", task)
-        lists = ranker.rank(cases, task, 5)
-        for items, banned in zip(lists, cases["exclude"]):
-            assert len(items) == min(5, 30 - len(set(banned)))
-            assert not set(items.tolist()) & set(banned.tolist())
+        for model in (ranker, viewed):  # search with the rec prior (the default) too
+            lists = model.rank(cases, task, 5)
+            for items, banned in zip(lists, cases["exclude"]):
+                assert len(items) == min(5, 30 - len(set(banned)))
+                assert not set(items.tolist()) & set(banned.tolist())
     # the best weights are the ones saved: validating the saved model again gives its number
     from gensar_core.model.timeline_train import valid_cases, validate
 
-    again = validate(GenerativeRanker(folder, ids, **ranker_settings(cfg)), valid_cases(cfg, None))
+    again = validate(GenerativeRanker(folder, ids, **ranker_settings(cfg, validation=True)), valid_cases(cfg, None))
     assert abs(again[key] - result["best_metric"]) < 1e-6
 
 

@@ -74,8 +74,9 @@ def prefix_matrix(prefix_tokens: PrefixTokens, users: int, device) -> Tensor:
 
 # ---------------------------------------------------------------- beam search
 @torch.inference_mode()
-def constrained_beam_search(model: Union[torch.nn.Module, Sequence[torch.nn.Module]], input_ids: Tensor,
-                            attention_mask: Optional[Tensor], index: PrefixIndex, beam_size: int, top_k: int,
+def constrained_beam_search(model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+                            input_ids: Union[Tensor, Sequence[Tensor]],
+                            attention_mask: Union[Optional[Tensor], Sequence[Optional[Tensor]]], index: PrefixIndex, beam_size: int, top_k: int,
                             prefix_tokens: PrefixTokens = None, normalize: str = "prefix",
                             banned: Optional[Sequence] = None) -> tuple[Tensor, Tensor]:
     """Top-`top_k` items of each input, by beam search over the valid sequences of `index`.
@@ -83,7 +84,8 @@ def constrained_beam_search(model: Union[torch.nn.Module, Sequence[torch.nn.Modu
     model: one model, or the members of an ensemble (their mean next-token distribution is decoded).
 
     input_ids / attention_mask [B, S]: encoder inputs (seq2seq) or left-padded prompts (decoder-
-    only). prefix_tokens [P] or [B, P]: tokens forced right after the decoder start / the prompt
+    only); or one of each per model, the same B inputs written another way (a view of each input:
+    an ensemble member may read a shorter prompt). prefix_tokens [P] or [B, P]: tokens forced right after the decoder start / the prompt
     (e.g. the behaviour token `<rec_item>`), not scored. banned: per input, the items it must
     never return (a user's history): no beam is spent on them, nor on a prefix with no other
     item below it (see `allowed_counts`); the scores of the other items are the ones an
@@ -94,12 +96,17 @@ def constrained_beam_search(model: Union[torch.nn.Module, Sequence[torch.nn.Modu
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     if not 1 <= top_k <= beam_size:
         raise ValueError(f"need 1 <= top_k <= beam_size, got top_k={top_k}, beam_size={beam_size}")
-    device = input_ids.device
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    views = (list(zip(input_ids, attention_mask, strict=True)) if isinstance(input_ids, (list, tuple))
+             else [(input_ids, attention_mask)] * len(models))
+    if len(views) != len(models) or len({ids.shape[0] for ids, _ in views}) != 1:
+        raise ValueError(f"{len(models)} models need one input batch each, of the same inputs; got "
+                         f"{len(views)} of {sorted({ids.shape[0] for ids, _ in views})} rows")
+    device = views[0][0].device
     index = index if index.leaf_item.device == device else index.to(device)
-    users = input_ids.shape[0]
+    users = views[0][0].shape[0]
     prefix = prefix_matrix(prefix_tokens, users, device)
     allowed = None if banned is None else index.allowed_counts(banned)
-    models = list(model) if isinstance(model, (list, tuple)) else [model]
     members = [Member(m, index, normalize) for m in models]
     # with "prefix", a level whose every node has one child is forced: no logits; the decoder
     # state is advanced only while a later level still has a choice to score
@@ -109,7 +116,7 @@ def constrained_beam_search(model: Union[torch.nn.Module, Sequence[torch.nn.Modu
     for m in models:
         m.eval()
     try:
-        hidden = [member.start(input_ids, attention_mask, prefix) for member in members]  # [users * width, d]
+        hidden = [member.start(ids, mask, prefix) for member, (ids, mask) in zip(members, views)]  # [users * width, d]
         width = 1  # beams kept per input at this level
         nodes = torch.zeros(users, dtype=torch.long, device=device)
         scores = torch.zeros(users, device=device)

@@ -10,7 +10,13 @@ items whenever k are allowed. With candidates (the paper's
 100-candidate protocol) the prefix index is built from each case's candidates only.
 
 With `members` (the other models of an ensemble, model/ensemble.py) the model and its members
-decode as one: the mean of their next-token distributions at every step.
+decode as one: the mean of their next-token distributions at every step. A timeline model can
+also read each prompt at several lengths (`extra_prompt_tokens`): every (model, length) pair is
+one more member of that mean.
+
+With `search_rec_weight` w > 0, search ranks its beam by log p(semantic ID | history, query) +
+w * log p(collaborative ID | history): the model's own recommendation head says which of the items
+that match the query this user would pick next.
 """
 from __future__ import annotations
 
@@ -34,18 +40,24 @@ log = logging.getLogger(__name__)
 TARGET_ID = {"rec": ("collaborative_id", REC_ITEM), "search": ("semantic_id", SRC_ITEM)}
 
 
-def ranker_settings(cfg) -> dict:
+def ranker_settings(cfg, validation: bool = False) -> dict:
     """The decoding settings of a config, as GenerativeRanker keyword arguments (also saved with a
-    registered model, so serving decodes the way evaluation did)."""
+    registered model, so serving decodes the way evaluation did). `validation`: those in-training
+    validation decodes with, one prompt length and no rec prior on search (each checkpoint is
+    chosen as before these ranking options existed, and validation stays fast)."""
+    from gensar_core.model.corpus import enabled_tasks
+
+    both = {"rec", "search"} <= set(enabled_tasks(cfg.corpus))
+    settings = {"beam_size": cfg.evaluate.beam_size, "scoring": cfg.evaluate.scoring,
+                "search_rec_weight": cfg.evaluate.search_rec_weight if both and not validation else 0.0}
     if cfg.model.formulation == "timeline":
         # the whole history: batch scoring and serving pass this many events of each behaviour,
         # the prompt keeps the most recent ones that fit in the window
         longest = cfg.model.timeline.max_len
-        return {"beam_size": cfg.evaluate.beam_size, "scoring": cfg.evaluate.scoring,
-                "max_rec_history": longest, "max_search_history": longest, "max_input_length": longest,
-                "prompt_tokens": cfg.model.timeline.prompt_tokens}
-    return {"beam_size": cfg.evaluate.beam_size, "scoring": cfg.evaluate.scoring,
-            "max_rec_history": cfg.corpus.max_rec_history,
+        return {**settings, "max_rec_history": longest, "max_search_history": longest, "max_input_length": longest,
+                "prompt_tokens": cfg.model.timeline.prompt_tokens,
+                "extra_prompt_tokens": [] if validation else list(cfg.model.timeline.extra_prompt_tokens)}
+    return {**settings, "max_rec_history": cfg.corpus.max_rec_history,
             "max_search_history": cfg.corpus.max_search_history,
             "max_input_length": cfg.model.max_input_length}
 
@@ -57,6 +69,7 @@ class GenerativeRanker:
                  scoring: str, batch_size: int = 16, max_rec_history: int = 5, max_search_history: int = 5,
                  max_input_length: int = 192, device: Optional[str] = None, name: str = "gensar",
                  tasks: Sequence[str] = ("rec", "search"), prompt_tokens: Optional[int] = None,
+                 extra_prompt_tokens: Sequence[int] = (), search_rec_weight: float = 0.0,
                  members: Sequence[str | Path] = ()):
         # a model folder, or a Backbone in memory (validation during training)
         self.backbone = model_dir if isinstance(model_dir, Backbone) else load_trained(model_dir, device=device)
@@ -71,8 +84,8 @@ class GenerativeRanker:
         self.item_ids = {str(r.item_id): ItemIds(r.semantic_id, r.collaborative_id) for r in ids.itertuples()}
         # what the decoder runs: the model and its ensemble members
         self.models = [self.model, *(self.member(folder, device) for folder in members)]
-        ensemble = f", ensemble of {len(self.models)} models" if len(self.models) > 1 else ""
-        self.description = f"generative model {label}{ensemble}, constrained beam {beam_size}, {scoring} scoring"
+        # the recommendation head as a prior on search needs a model trained for both
+        self.search_rec_weight = search_rec_weight if {"rec", "search"} <= set(self.tasks) else 0.0
         # a timeline model (model/timeline.py) reads the whole history, up to its window length
         # (or the shorter `prompt_tokens`)
         self.timeline = None
@@ -83,6 +96,14 @@ class GenerativeRanker:
                                              bool(self.backbone.source.get("history_ids", False)))
             window = int(self.backbone.source["max_len"])
             self.max_input = min(prompt_tokens or window, window)
+        # the prompt lengths each model reads (a prompted model's history is fixed: one)
+        self.views = (self.max_input,) if self.timeline is None else tuple(
+            dict.fromkeys([self.max_input, *(min(n, window) for n in extra_prompt_tokens)]))
+        ensemble = f", ensemble of {len(self.models)} models" if len(self.models) > 1 else ""
+        views = f" x {len(self.views)} prompt lengths {list(self.views)}" if len(self.views) > 1 else ""
+        prior = f", search + {self.search_rec_weight:g} x rec log-prob" if self.search_rec_weight else ""
+        self.description = (f"generative model {label}{ensemble}{views}, constrained beam {beam_size}, "
+                            f"{scoring} scoring{prior}")
         self.sequences, self.index, self.prefix = {}, {}, {}
         for task, (column, behaviour) in TARGET_ID.items():
             full = PrefixIndex.from_identifiers(ids[column].tolist(), self.tokenizer, item_ids=self.item_idx)
@@ -112,11 +133,13 @@ class GenerativeRanker:
         return source.get("formulation"), source.get("max_len"), dual and bool(source.get("history_ids", False))
 
     # ------------------------------------------------------------------ prompts
-    def prompts(self, cases: pd.DataFrame, task: str) -> list[str]:
+    def prompts(self, cases: pd.DataFrame, task: str, length: Optional[int] = None) -> list[str]:
+        """The cases' prompts for `task`; a timeline prompt keeps the latest events that fit in
+        `length` tokens (default: the first of `views`)."""
         queries = cases["query"] if "query" in cases else [None] * len(cases)
         if self.timeline is not None:  # the whole history when the cases have it (evaluation)
             histories = cases["timeline"] if "timeline" in cases else cases["history"]
-            return [self.timeline.prompt(h if h is not None else [], task, q, self.max_input)
+            return [self.timeline.prompt(h if h is not None else [], task, q, length or self.max_input)
                     for h, q in zip(histories, queries)]
         template = templates(task)[0]
         out = []
@@ -128,9 +151,13 @@ class GenerativeRanker:
             out.append(fill(template, history=text, query=(query or "").strip()))
         return out
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def view_prompts(self, cases: pd.DataFrame, task: str) -> list[list[str]]:
+        """The cases' prompts at each of `views` (one list per prompt length)."""
+        return [self.prompts(cases, task, length) for length in self.views]
+
+    def encode(self, prompts: list[str], length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (input_ids, attention_mask) [B, S] on the model's device, padded for its kind."""
-        ids = encode_prompts(self.tokenizer, self.kind, prompts, self.max_input)
+        ids = encode_prompts(self.tokenizer, self.kind, prompts, length or self.max_input)
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -144,46 +171,79 @@ class GenerativeRanker:
 
     # ------------------------------------------------------------------ ranking
     @torch.inference_mode()
-    def decode(self, prompts: list[str], task: str, beam: int, top_k: int,
+    def decode(self, views: Sequence[list[str]], task: str, beam: int, top_k: int,
                index: Optional[PrefixIndex] = None, banned: Optional[Sequence] = None) -> tuple[np.ndarray, np.ndarray]:
         """(items [B, top_k], scores [B, top_k]) for prompts of one task, item -1 where none;
-        `banned` (per prompt) items are never decoded."""
+        `views`: the same B prompts at each of `self.views` (`view_prompts`); `banned` (per
+        prompt) items are never decoded."""
         index = index if index is not None else self.index[task]
         items, scores = [], []
-        for start in range(0, len(prompts), self.batch_size):
-            input_ids, mask = self.encode(prompts[start:start + self.batch_size])
+        for start in range(0, len(views[0]), self.batch_size):
+            inputs = [self.encode(prompts[start:start + self.batch_size], length)
+                      for length, prompts in zip(self.views, views, strict=True)]
+            # every model reads every view: one ensemble member per (view, model) pair
+            input_ids = [ids for ids, _ in inputs for _ in self.models]
+            masks = [mask for _, mask in inputs for _ in self.models]
             ban = None if banned is None else list(banned[start:start + self.batch_size])
-            it, sc = constrained_beam_search(self.models, input_ids, mask, index, beam_size=beam,
+            it, sc = constrained_beam_search(self.models * len(inputs), input_ids, masks, index, beam_size=beam,
                                              top_k=top_k, prefix_tokens=self.prefix[task],
                                              normalize=self.scoring, banned=ban)
             items.append(it.cpu().numpy())
             scores.append(sc.float().cpu().numpy())
         return np.concatenate(items), np.concatenate(scores)
 
-    def top_k_unseen(self, prompts: list[str], task: str, k: int,
-                     exclude: Sequence) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per prompt the k best items outside its `exclude` items, with their log-probs: the
-        excluded items are banned inside the beam, so no beam is spent on them and a list is
-        short only when fewer than k items are allowed."""
+    def top_k_unseen(self, cases: pd.DataFrame, task: str, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per case the k best items outside its `exclude` items (a column, when the cases have
+        it), with their scores (log-probs; on search with the rec prior, plus w times the rec
+        log-prob): the excluded items are banned inside the beam, so no beam is spent on them and
+        a list is short only when fewer than k items are allowed."""
         beam = max(self.beam_size, k)
-        items, scores = self.decode(prompts, task, beam, k, banned=list(exclude))
+        banned = list(cases["exclude"]) if "exclude" in cases else None
+        views = self.view_prompts(cases, task)
+        if task == "search" and self.search_rec_weight:
+            items, scores = self.with_rec_prior(cases, *self.decode(views, task, beam, beam, banned=banned), k)
+        else:
+            items, scores = self.decode(views, task, beam, k, banned=banned)
         return [(row_items[row_items >= 0], row_scores[row_items >= 0]) for row_items, row_scores in zip(items, scores)]
+
+    def with_rec_prior(self, cases: pd.DataFrame, items: np.ndarray, scores: np.ndarray,
+                       k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of each case's search beam (`items`, `scores` [B, W], item -1 where none) by
+        search log-prob + `search_rec_weight` x the log-prob of the item's collaborative ID after
+        the case's history and `<rec_item>`. The rec pass scores exactly the beam's items: every
+        other item is banned and its beam is as wide as they are, so it keeps them all."""
+        width = items.shape[1]
+        banned = [np.setdiff1d(self.item_idx, row[row >= 0]) for row in items]
+        found, rec = self.decode(self.view_prompts(cases, "rec"), "rec", width, width, banned=banned)
+        prior = np.full(items.shape, -np.inf)
+        for r, (row_found, row_rec) in enumerate(zip(found, rec)):
+            of = dict(zip(row_found.tolist(), row_rec.tolist()))
+            prior[r] = [of.get(int(i), -np.inf) for i in items[r]]
+        combined = np.where(items >= 0, scores + self.search_rec_weight * prior, -np.inf)
+        order = np.argsort(-combined, axis=1, kind="stable")[:, :k]
+        items, combined = np.take_along_axis(items, order, 1), np.take_along_axis(combined, order, 1)
+        return np.where(np.isfinite(combined), items, -1), combined
 
     def rank(self, cases: pd.DataFrame, task: str, k: int,
              candidates: Optional[Sequence[np.ndarray]] = None) -> list[np.ndarray]:
         if task not in self.tasks:
             raise NotImplementedError(f"{self.name} is not trained for {task}")
-        prompts = self.prompts(cases, task)
         if candidates is None:
-            exclude = cases["exclude"] if "exclude" in cases else [()] * len(cases)
-            return [items.astype(np.int64) for items, _ in self.top_k_unseen(prompts, task, k, exclude)]
+            return [items.astype(np.int64) for items, _ in self.top_k_unseen(cases, task, k)]
         out = []
-        for prompt, cand in zip(prompts, candidates):
+        views = self.view_prompts(cases, task)
+        prior = task == "search" and self.search_rec_weight
+        for row, cand in enumerate(candidates):
             cand = np.asarray(cand, dtype=np.int64)
             rows = [self._row_of[int(i)] for i in cand]
             index = PrefixIndex.from_sequences(self.sequences[task][rows], item_ids=cand).to(self.device)
             beam = min(max(self.beam_size, k), len(cand))
-            items, _ = self.decode([prompt], task, beam, min(k, beam), index=index)
+            one = [prompts[row:row + 1] for prompts in views]
+            if prior:
+                items, _ = self.with_rec_prior(cases.iloc[row:row + 1], *self.decode(one, task, beam, beam, index=index),
+                                               min(k, beam))
+            else:
+                items, _ = self.decode(one, task, beam, min(k, beam), index=index)
             out.append(items[0][items[0] >= 0])
         return out
 

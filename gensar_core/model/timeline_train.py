@@ -479,7 +479,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     source = {"formulation": "timeline", "max_len": mcfg.timeline.max_len, **mcfg.timeline.model_dump()}
     backbone = Backbone(model=model, tokenizer=data.tokenizer, kind="causal", label=backbone_label(mcfg),
                         source=source)
-    ranker = GenerativeRanker(backbone, data.identifiers, **ranker_settings(cfg),
+    ranker = GenerativeRanker(backbone, data.identifiers, **ranker_settings(cfg, validation=True),
                               tasks=[t for t in VALID_TASKS if t in tasks], name=name)
     cases = valid_cases(cfg, tcfg.max_valid_examples) if dist.main else None
 
