@@ -26,7 +26,8 @@ def gate_metrics(cfg: PipelineConfig, ranker) -> dict[str, float]:
     """The gate's numbers for a ranker: `registry.metric` per task, full ranking on `registry.split`."""
     from gensar_core.evaluate.protocols import evaluate_ranker
 
-    full_only = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"protocols": ["full"]})})
+    full_only = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
+        update={"protocols": ["full"], "max_cases": cfg.registry.max_cases})})
     result = evaluate_ranker(ranker, full_only, cfg.registry.split)["full"]
     return {task: float((result.get(task) or {}).get(cfg.registry.metric, 0.0)) for task in TASKS}
 

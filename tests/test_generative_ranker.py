@@ -108,6 +108,26 @@ def test_search_with_the_rec_prior_ranks_by_both_log_probs(trained):
     assert generative_rankers(with_overrides(cfg, ["evaluate.search_rec_weight=0"]))["gensar"].search_rec_weight == 0
 
 
+@pytest.mark.parametrize("scoring", ["level", "vocab"])
+def test_candidates_in_batches_rank_as_a_trie_of_each_cases_candidates(trained, scoring):
+    """With `level` or `vocab` scoring the 100-candidate protocol bans every other item of the full
+    trie and decodes the cases in batches: with `vocab` the same lists as a trie of each case's
+    candidates; `level` normalises over the catalogue's codebook there, as in full ranking (a trie
+    of the candidates alone would normalise over their codes only)."""
+    from gensar_core.config import with_overrides
+
+    ranker = generative_rankers(with_overrides(trained, [f"evaluate.scoring={scoring}"]))["gensar"]
+    rng = np.random.default_rng(0)
+    for task in ("rec", "search"):
+        cases = EvalContext(trained).cases("test", task).head(8).reset_index(drop=True)
+        candidates = [np.sort(rng.choice(ranker.item_idx, 12, replace=False)) for _ in range(len(cases))]
+        batched = ranker.rank(cases, task, 5, candidates)
+        for ours, alone, cand in zip(batched, ranker.rank_each_among(cases, task, 5, candidates), candidates):
+            assert len(ours) == 5 and set(ours.tolist()) <= set(cand.tolist())
+            if scoring == "vocab":
+                assert ours.tolist() == alone.tolist()
+
+
 def test_an_untrained_variant_fails_the_evaluation(trained):
     from gensar_core.config import with_overrides
 

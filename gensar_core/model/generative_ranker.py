@@ -153,7 +153,13 @@ class GenerativeRanker:
 
     def view_prompts(self, cases: pd.DataFrame, task: str) -> list[list[str]]:
         """The cases' prompts at each of `views` (one list per prompt length)."""
-        return [self.prompts(cases, task, length) for length in self.views]
+        if self.timeline is None:
+            return [self.prompts(cases, task)]
+        queries = cases["query"] if "query" in cases else [None] * len(cases)
+        histories = cases["timeline"] if "timeline" in cases else cases["history"]
+        per_case = [self.timeline.prompts(h if h is not None else [], task, q, self.views)
+                    for h, q in zip(histories, queries)]
+        return [list(view) for view in zip(*per_case)] if per_case else [[] for _ in self.views]
 
     def encode(self, prompts: list[str], length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (input_ids, attention_mask) [B, S] on the model's device, padded for its kind."""
@@ -230,6 +236,17 @@ class GenerativeRanker:
             raise NotImplementedError(f"{self.name} is not trained for {task}")
         if candidates is None:
             return [items.astype(np.int64) for items, _ in self.top_k_unseen(cases, task, k)]
+        if self.scoring != "prefix":
+            # the full trie with every other item banned, the cases in batches (a trie per case
+            # decodes one case at a time): `vocab` scores are the same as over a trie of the
+            # candidates, `level` normalises over the catalogue's codebook, as in full ranking
+            others = [np.setdiff1d(self.item_idx, np.asarray(c, dtype=np.int64)) for c in candidates]
+            return [items.astype(np.int64) for items, _ in self.top_k_unseen(cases.assign(exclude=others), task, k)]
+        return self.rank_each_among(cases, task, k, candidates)
+
+    def rank_each_among(self, cases: pd.DataFrame, task: str, k: int,
+                        candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The paper's way: each case decoded alone over a trie of its candidates."""
         out = []
         views = self.view_prompts(cases, task)
         prior = task == "search" and self.search_rec_weight

@@ -154,14 +154,21 @@ class TimelineCodec:
         last events that fit in `max_len` tokens (whole events), then the question: nothing more
         for 'rec' (`<rec_item>` is the decoder's forced prefix), `<src_query>` + query for
         'search' (`<src_item>` is the forced prefix)."""
-        ids, _, starts = self.timeline(events)
+        return self.prompts(events, task, query, [max_len])[0]
+
+    def prompts(self, events: Iterable[Mapping], task: str, query: Optional[str],
+                lengths: Sequence[int]) -> list[str]:
+        """`prompt` at each of `lengths`, the timeline written once."""
+        full, _, starts = self.timeline(events)
         tail = [SRC_QUERY] + query_words(query) if task == "search" else []
-        room = max_len - 1 - len(tail) - 5  # BOS, the question, the forced token and the ID
-        if len(ids) > room:
-            keep = starts[starts >= len(ids) - room]
-            ids = ids[int(keep[0]):] if len(keep) else ids[:0]
-        words = self.words
-        return " ".join([BOS] + [words[i] for i in ids.tolist()] + tail)
+        out = []
+        for max_len in lengths:
+            ids, room = full, max_len - 1 - len(tail) - 5  # BOS, the question, the forced token and the ID
+            if len(ids) > room:
+                keep = starts[starts >= len(ids) - room]
+                ids = ids[int(keep[0]):] if len(keep) else ids[:0]
+            out.append(" ".join([BOS] + [self.words[i] for i in ids.tolist()] + tail))
+        return out
 
     def adhoc(self, query: str, item_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ad-hoc search task as a short window: BOS `<src_query>` query `<src_item>` + the
