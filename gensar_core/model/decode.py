@@ -76,7 +76,8 @@ def prefix_matrix(prefix_tokens: PrefixTokens, users: int, device) -> Tensor:
 @torch.inference_mode()
 def constrained_beam_search(model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
                             input_ids: Union[Tensor, Sequence[Tensor]],
-                            attention_mask: Union[Optional[Tensor], Sequence[Optional[Tensor]]], index: PrefixIndex, beam_size: int, top_k: int,
+                            attention_mask: Union[Optional[Tensor], Sequence[Optional[Tensor]]],
+                            index: PrefixIndex, beam_size: int, top_k: int,
                             prefix_tokens: PrefixTokens = None, normalize: str = "prefix",
                             banned: Optional[Sequence] = None) -> tuple[Tensor, Tensor]:
     """Top-`top_k` items of each input, by beam search over the valid sequences of `index`.
@@ -85,12 +86,13 @@ def constrained_beam_search(model: Union[torch.nn.Module, Sequence[torch.nn.Modu
 
     input_ids / attention_mask [B, S]: encoder inputs (seq2seq) or left-padded prompts (decoder-
     only); or one of each per model, the same B inputs written another way (a view of each input:
-    an ensemble member may read a shorter prompt). prefix_tokens [P] or [B, P]: tokens forced right after the decoder start / the prompt
-    (e.g. the behaviour token `<rec_item>`), not scored. banned: per input, the items it must
-    never return (a user's history): no beam is spent on them, nor on a prefix with no other
-    item below it (see `allowed_counts`); the scores of the other items are the ones an
-    unbanned search gives them. Returns (items [B, K] long, scores [B, K] float, best first); an
-    input with fewer than K reachable sequences gets item -1, score -inf.
+    an ensemble member may read a shorter prompt). prefix_tokens [P] or [B, P]: tokens forced
+    right after the decoder start / the prompt (e.g. the behaviour token `<rec_item>`), not
+    scored. banned: per input, the items it must never return (a user's history): no beam is
+    spent on them, nor on a prefix with no other item below it (see `allowed_counts`); the scores
+    of the other items are the ones an unbanned search gives them. Returns (items [B, K] long,
+    scores [B, K] float, best first); an input with fewer than K reachable sequences gets item
+    -1, score -inf.
     """
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")

@@ -133,14 +133,22 @@ class GenerativeRanker:
         return source.get("formulation"), source.get("max_len"), dual and bool(source.get("history_ids", False))
 
     # ------------------------------------------------------------------ prompts
-    def prompts(self, cases: pd.DataFrame, task: str, length: Optional[int] = None) -> list[str]:
-        """The cases' prompts for `task`; a timeline prompt keeps the latest events that fit in
-        `length` tokens (default: the first of `views`)."""
+    def prompts(self, cases: pd.DataFrame, task: str) -> list[str]:
+        """The cases' prompts for `task` (a timeline prompt: the latest events that fit in the
+        first of `views`)."""
+        return self.view_prompts(cases, task, self.views[:1])[0]
+
+    def view_prompts(self, cases: pd.DataFrame, task: str,
+                     lengths: Optional[Sequence[int]] = None) -> list[list[str]]:
+        """The cases' prompts at each prompt length, `views` by default (one list per length; a
+        prompted model's history is fixed, so it has one list)."""
+        lengths = self.views if lengths is None else lengths
         queries = cases["query"] if "query" in cases else [None] * len(cases)
         if self.timeline is not None:  # the whole history when the cases have it (evaluation)
             histories = cases["timeline"] if "timeline" in cases else cases["history"]
-            return [self.timeline.prompt(h if h is not None else [], task, q, length or self.max_input)
-                    for h, q in zip(histories, queries)]
+            per_case = [self.timeline.prompts(h if h is not None else [], task, q, lengths)
+                        for h, q in zip(histories, queries)]
+            return [list(view) for view in zip(*per_case)] if per_case else [[] for _ in lengths]
         template = templates(task)[0]
         out = []
         for history, query in zip(cases["history"], queries):
@@ -149,17 +157,7 @@ class GenerativeRanker:
             events = [e for e in (history if history is not None else []) if str(e["item_id"]) in self.item_ids]
             text = render_history(events, self.item_ids, self.max_rec, self.max_search)
             out.append(fill(template, history=text, query=(query or "").strip()))
-        return out
-
-    def view_prompts(self, cases: pd.DataFrame, task: str) -> list[list[str]]:
-        """The cases' prompts at each of `views` (one list per prompt length)."""
-        if self.timeline is None:
-            return [self.prompts(cases, task)]
-        queries = cases["query"] if "query" in cases else [None] * len(cases)
-        histories = cases["timeline"] if "timeline" in cases else cases["history"]
-        per_case = [self.timeline.prompts(h if h is not None else [], task, q, self.views)
-                    for h, q in zip(histories, queries)]
-        return [list(view) for view in zip(*per_case)] if per_case else [[] for _ in self.views]
+        return [out]
 
     def encode(self, prompts: list[str], length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (input_ids, attention_mask) [B, S] on the model's device, padded for its kind."""
@@ -257,8 +255,8 @@ class GenerativeRanker:
             beam = min(max(self.beam_size, k), len(cand))
             one = [prompts[row:row + 1] for prompts in views]
             if prior:
-                items, _ = self.with_rec_prior(cases.iloc[row:row + 1], *self.decode(one, task, beam, beam, index=index),
-                                               min(k, beam))
+                beam_items, beam_scores = self.decode(one, task, beam, beam, index=index)
+                items, _ = self.with_rec_prior(cases.iloc[row:row + 1], beam_items, beam_scores, min(k, beam))
             else:
                 items, _ = self.decode(one, task, beam, min(k, beam), index=index)
             out.append(items[0][items[0] >= 0])
