@@ -2,7 +2,7 @@
 
 oneDNN reports bf16 support on any AVX-512 CPU, but only AVX-512 BF16 or AMX compute it in
 hardware; elsewhere bf16 is emulated. `train.mixed_precision=auto` takes bf16 only where it is
-native (`timeline_train.native_cpu_bf16`); this prints tokens per second of the default model's
+native (`training.native_cpu_bf16`); this prints tokens per second of the default model's
 training step (same weights, same 8,192-token batches) in both precisions, alternating for
 `--repeats` rounds of `--seconds` (best round kept, so load from other processes skews the ratio
 less), their ratio, and what `auto` picks here.
@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from gensar_core.config import PipelineConfig  # noqa: E402
 from gensar_core.model import timeline_train as tt  # noqa: E402
+from gensar_core.model import training  # noqa: E402
 from gensar_core.model.timeline import build_tokenizer  # noqa: E402
 from gensar_core.model.vocab import added_tokens  # noqa: E402
 
@@ -66,11 +67,11 @@ def main() -> None:
         for name, (model, optimizer, amp) in runs.items():
             rates[name] = max(rates[name], tokens_per_second(model, optimizer, batch, amp, args.seconds))
     print(f"threads {torch.get_num_threads()}, model d {t.d_model} x {t.num_layers} layers, vocab {len(tokenizer)}, "
-          f"batch {tuple(ids.shape)}; native bf16 (AVX-512 BF16 or AMX): {tt.native_cpu_bf16()}")
+          f"batch {tuple(ids.shape)}; native bf16 (AVX-512 BF16 or AMX): {training.native_cpu_bf16()}")
     for name, rate in rates.items():
         print(f"{name:14s} training tokens/s {rate:10,.0f}")
     print(f"bf16 autocast / float32: {rates['bf16 autocast'] / rates['float32']:.2f}x; "
-          f"train.mixed_precision=auto picks {'bf16' if tt.native_cpu_bf16() else 'float32'} here")
+          f"train.mixed_precision=auto picks {'bf16' if training.native_cpu_bf16() else 'float32'} here")
 
 
 if __name__ == "__main__":

@@ -53,9 +53,10 @@ def train_toy_model(root: Path, formulation: str) -> PipelineConfig:
         "warehouse": str(root / "wh"), "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
         "identifiers": {"shared_levels": 2, "specific_levels": 2, "codebook_size": 8},
         "model": {"formulation": formulation,
-                  "scratch": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "tokenizer_vocab_size": 300},
+                  "prompted": {"scratch": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2,
+                                           "tokenizer_vocab_size": 300}, "batch_size": 16},
                   "timeline": {"max_len": 128, "d_model": 32, "d_ff": 64, "num_heads": 2}},
-        "train": {"epochs": 2, "batch_size": 16, "eval_every": 0, "warmup_steps": 5, "progress": False,
+        "train": {"epochs": 2, "eval_every": 0, "warmup_steps": 5, "progress": False,
                   "ensemble_seeds": []},  # one model, as the tests' toy model
         "evaluate": {"beam_size": 10, "baselines": ["popularity"], "log_mlflow": False},
     })

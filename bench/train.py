@@ -3,7 +3,7 @@
 Both learn from the same warehouse (splits, identifiers and the prompted corpus of
 `build_corpus`), on the same device, with the pipeline's own pieces: the timeline model of
 `model.timeline` with `timeline_train`'s data, step and validation; the scratch T5 of
-`model.scratch` with `encode_examples`, `collate` and the same AdamW step as `run_train`.
+`model.prompted.scratch` with `encode_examples`, `collate` and the same AdamW step as `run_train`.
 
 1. Supervised identifier tokens per second: the identifier tokens that carry a loss (the 4 ID
    tokens of each target; the timeline's rec and search ID tokens), per second of training.
@@ -84,8 +84,8 @@ class PromptedT5:
         self.bb = load_backbone(cfg, corpus_texts=list(train["input_text"]) + list(train["target_text"]), seed=0)
         self.model = self.bb.model.train()
         self.enc = encode_examples(self.bb.tokenizer, "seq2seq", train["input_text"].tolist(),
-                                   train["target_text"].tolist(), cfg.model.max_input_length,
-                                   cfg.model.max_target_length)
+                                   train["target_text"].tolist(), cfg.model.prompted.max_input_length,
+                                   cfg.model.prompted.max_target_length)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                      betas=(0.9, 0.98))
         self.order = np.random.default_rng(0).permutation(len(self.enc))
@@ -95,7 +95,7 @@ class PromptedT5:
         self.ranker = GenerativeRanker(self.bb, tt.load_data(cfg).identifiers, **ranker_settings(cfg, validation=True))
 
     def step(self) -> int:
-        bs = self.cfg.train.batch_size
+        bs = self.cfg.model.prompted.batch_size
         if self.pos + bs > len(self.order):
             self.pos = 0
         batch = collate(self.enc, self.order[self.pos:self.pos + bs], self.bb.tokenizer.pad_token_id, "seq2seq")

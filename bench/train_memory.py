@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from gensar_core.config import PipelineConfig  # noqa: E402
 from gensar_core.model import timeline_train as tt  # noqa: E402
+from gensar_core.model import training  # noqa: E402
 from gensar_core.model.timeline import IGNORE, batches, build_tokenizer, collate_windows  # noqa: E402
 from gensar_core.model.vocab import added_tokens  # noqa: E402
 
@@ -54,7 +55,7 @@ def train(pad: bool, steps: int) -> dict:
     tokenizer = build_tokenizer([f"w{i}" for i in range(2000)], added_tokens(cfg))
     model = tt.build_model(tokenizer, cfg.model, seed=0).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    amp = lambda: tt.autocast(torch.device("cpu"), "auto")  # noqa: E731
+    amp = lambda: training.autocast(torch.device("cpu"), training.amp_dtype(torch.device("cpu"), "auto"))  # noqa: E731
     rng = np.random.default_rng(0)
     queue, windows, real, start, after_warmup, shapes = [], [], 0, 0.0, 0.0, set()
     for step in range(steps):
@@ -88,8 +89,8 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps),
                               "--threads", str(args.threads)], check=True, capture_output=True, text=True)
         runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"threads {args.threads}, {args.steps} steps, native bf16 (AVX-512 BF16 or AMX): {tt.native_cpu_bf16()} "
-          f"(autocast {'bf16' if tt.native_cpu_bf16() else 'off'})")
+    print(f"threads {args.threads}, {args.steps} steps, native bf16 (AVX-512 BF16 or AMX): {training.native_cpu_bf16()} "
+          f"(autocast {'bf16' if training.native_cpu_bf16() else 'off'})")
     for mode, r in runs.items():
         print(f"{mode:7s} shapes {r['shapes']:4d}  RSS after {WARMUP} steps {r['rss_warm_mib']:7.0f} MiB, "
               f"at the end {r['rss_end_mib']:7.0f} MiB (+{r['rss_end_mib'] - r['rss_warm_mib']:.0f})  "

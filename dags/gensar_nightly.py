@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
+from airflow.sdk.exceptions import AirflowSkipException
 
 from gensar_core import pipeline
 
@@ -72,9 +73,12 @@ def gensar_nightly():
 
     @task
     def build_corpus(params=None, ds=None) -> dict:
-        return pipeline.step_build_corpus(pipeline.config_for_run(params, ds))
+        cfg = pipeline.config_for_run(params, ds)
+        if not pipeline.reads_corpus(cfg):
+            raise AirflowSkipException(f"model.formulation={cfg.model.formulation} does not read the corpus")
+        return pipeline.step_build_corpus(cfg)
 
-    @task
+    @task(trigger_rule="none_failed")  # runs after a skipped build_corpus too
     def train(params=None, ds=None) -> dict:
         return pipeline.step_train(pipeline.config_for_run(params, ds))
 

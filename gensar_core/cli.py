@@ -5,31 +5,27 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
-from gensar_core.config import ConfigError, load_config
+from gensar_core.config import ConfigError, config_sources, load_config, with_overrides
+from gensar_core.data.ingest import format_counts
 from gensar_core.data.readers import IngestError
+from gensar_core.data.split import format_split
+from gensar_core.pipeline import STEPS, run_steps
 
 
 def _print_result(step: str, result: dict) -> None:
     if step == "ingest":
-        from gensar_core.data.ingest import format_counts
-
         print(format_counts(result))
     elif step == "split":
-        from gensar_core.data.split import format_split
-
         print(format_split(result))
     elif step == "evaluate" and result.get("report"):
-        from pathlib import Path
-
         print(Path(result["report"]["report.md"]).read_text())
     else:
         print(json.dumps(result, indent=2, default=str))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gensar_core.pipeline import STEPS
-
     p = argparse.ArgumentParser(prog="gensar", description=__doc__)
     p.add_argument("--config", "-c", help="pipeline config YAML (default: the embedded default)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
@@ -50,14 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from gensar_core.pipeline import run_steps
 
     try:
         cfg = load_config(args.config, args.set)
         cfg_variants = cfg.evaluate.variants
         if args.variant:
-            from gensar_core.config import with_overrides
-
             if args.variant not in cfg.evaluate.variants:
                 raise ConfigError(f"--variant {args.variant}: not in evaluate.variants "
                                   f"({sorted(cfg.evaluate.variants) or 'none'})")
@@ -66,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))
             return 0
         if args.command == "config":
-            from gensar_core.config import config_sources
-
             layers = {f"variant {args.variant}": cfg_variants[args.variant]} if args.variant else None
             for key, value, source in config_sources(cfg, args.config, args.set, layers):
                 print(f"{key} = {json.dumps(value)}    # {source}")

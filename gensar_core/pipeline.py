@@ -2,15 +2,19 @@
 
 Each step takes the one PipelineConfig, reads and writes warehouse tables (docs/architecture.md "Steps and their data contracts"), and
 returns a small dict of what it did (counts, metrics) for the caller to print or log.
+
+Each step imports its module inside the step, deliberately: the DAG file imports this module
+whenever Airflow parses it, and the steps' modules pull in pyspark, torch, transformers and
+sentence-transformers, which a parse must not pay for.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from gensar_core import tracking
-from gensar_core.config import TRAINING_TASKS, PipelineConfig
+from gensar_core.config import TRAINING_TASKS, PipelineConfig, load_config, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +72,20 @@ def step_learn_identifiers(cfg: PipelineConfig) -> dict:
     return metrics
 
 
+def reads_corpus(cfg: PipelineConfig) -> bool:
+    """Whether `cfg`'s training reads the `build_corpus` prompts: the prompted recipe does; the
+    timeline formulation writes its own token sequences from the splits."""
+    return cfg.model.formulation == "prompted"
+
+
 def step_build_corpus(cfg: PipelineConfig) -> dict:
-    """splits + identifiers -> corpus/{task}: the prompts of every enabled training task."""
+    """splits + identifiers -> corpus/{task}: the prompts of every enabled training task (the
+    prompted recipe's input; skipped for a formulation that does not read them)."""
     from gensar_core.model.corpus import run_build_corpus
 
+    if not reads_corpus(cfg):
+        log.info("build_corpus skipped: model.formulation=%s does not read the corpus", cfg.model.formulation)
+        return {"skipped": f"model.formulation={cfg.model.formulation} does not read the corpus"}
     return run_build_corpus(cfg)
 
 
@@ -85,14 +99,13 @@ def step_train(cfg: PipelineConfig) -> dict:
 
 def train_one_model(cfg: PipelineConfig) -> dict:
     """The model of `cfg` at its train seed."""
-    from gensar_core.model.train import run_train
+    from gensar_core.model.prompted_train import run_train
+    from gensar_core.model.timeline_train import run_train_timeline
 
     if cfg.model.formulation == "timeline":
         # trained from scratch each night: the word-level vocabulary follows the day's queries
-        from gensar_core.model.timeline_train import run_train_timeline
-
         return run_train_timeline(cfg)
-    if cfg.train.init_from_champion:
+    if cfg.model.prompted.init_from_champion:
         from gensar_core import registry
         from gensar_core.model.runs import trained_model_dir
 
@@ -102,7 +115,8 @@ def train_one_model(cfg: PipelineConfig) -> dict:
             # this config's name, so evaluate and register find it where they always do
             log.info("fine-tuning from the champion model %s", champion)
             cfg = cfg.model_copy(update={
-                "model": cfg.model.model_copy(update={"backbone": "local", "path": champion}),
+                "model": cfg.model.model_copy(update={"prompted": cfg.model.prompted.model_copy(
+                    update={"backbone": "local", "path": champion})}),
                 "train": cfg.train.model_copy(update={"run_name": trained_model_dir(cfg).name})})
     return run_train(cfg)
 
@@ -110,8 +124,8 @@ def train_one_model(cfg: PipelineConfig) -> dict:
 def generative_rankers(cfg: PipelineConfig) -> dict:
     """This config's trained generative model, those of `evaluate.variants`, and each one's
     `evaluate.seeds` replicas ('<name>@seed<S>'), as Rankers (the ones `train` has written)."""
-    from gensar_core.config import with_overrides
     from gensar_core.evaluate.report import seed_row
+    from gensar_core.model.ensemble import generative_ranker
     from gensar_core.model.runs import train_seed
 
     configs = {"gensar": cfg, **{name: with_overrides(cfg, overrides)
@@ -124,29 +138,6 @@ def generative_rankers(cfg: PipelineConfig) -> dict:
     return {name: generative_ranker(model_cfg, name, hints.get(name)) for name, model_cfg in configs.items()}
 
 
-def generative_ranker(cfg: PipelineConfig, name: str = "gensar", train_args: Optional[str] = None):
-    """The trained generative model of `cfg` as a Ranker; a model that has not been trained is an
-    error, so a report never silently lacks the method it was asked for. `train_args`: what to
-    add to `gensar -c CONFIG` to train it (None: it is the config's own model)."""
-    from gensar_core.model.corpus import apply_id_scheme, enabled_tasks
-    from gensar_core.model.ensemble import member_dirs
-    from gensar_core.model.runs import trained_model_dir
-    from gensar_core.storage import Warehouse
-
-    model_dir = trained_model_dir(cfg)
-    if not (model_dir / "config.json").exists():
-        how = ("run the train step" if train_args is None else
-               f"train it with `gensar -c CONFIG {train_args} run --steps build_corpus,train`, "
-               f"or remove it from evaluate.variants / evaluate.seeds")
-        raise FileNotFoundError(f"{name}: no trained model at {model_dir}: {how}")
-    from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
-
-    tasks = [t for t in ("rec", "search") if t in enabled_tasks(cfg.corpus)]
-    identifiers = apply_id_scheme(Warehouse(cfg.warehouse).read("identifiers/items"), cfg.corpus.id_scheme)
-    return GenerativeRanker(model_dir, identifiers, **ranker_settings(cfg), tasks=tasks, name=name,
-                            members=member_dirs(cfg))
-
-
 def step_evaluate(cfg: PipelineConfig) -> dict:
     """Every method on the test split, both tasks, both protocols -> reports/ (Markdown + plot)."""
     from gensar_core.evaluate.run import run_evaluate
@@ -157,11 +148,10 @@ def step_evaluate(cfg: PipelineConfig) -> dict:
 def step_register(cfg: PipelineConfig) -> dict:
     """Register this config's trained model in MLflow; champion only if better on both tasks."""
     from gensar_core import registry
+    from gensar_core.model.ensemble import generative_ranker
     from gensar_core.model.runs import trained_model_dir
 
-    ranker = generative_ranker(cfg)
-    if ranker is None:
-        raise FileNotFoundError(f"no trained model at {trained_model_dir(cfg)}: run train first")
+    ranker = generative_ranker(cfg)  # a model that has not been trained is an error naming the step
     return registry.register(cfg, trained_model_dir(cfg), registry.gate_metrics(cfg, ranker))
 
 
@@ -210,8 +200,6 @@ def config_for_run(params: dict | None, ds: str | None = None) -> PipelineConfig
     keep), `epochs` and `max_steps` are shortcuts for the model and training budget; `overrides` (`key.path=value` strings) can
     set anything. The run date `ds` becomes the config's cut-off date.
     """
-    from gensar_core.config import load_config
-
     params = params or {}
     path = params.get("config") or None
     if not path and params.get("dataset"):
@@ -220,7 +208,7 @@ def config_for_run(params: dict | None, ds: str | None = None) -> PipelineConfig
     if params.get("formulation"):
         overrides.append(f"model.formulation={params['formulation']}")
     if params.get("backbone"):  # a backbone is a choice of the prompted recipe
-        overrides += [f"model.backbone={params['backbone']}", "model.formulation=prompted"]
+        overrides += [f"model.prompted.backbone={params['backbone']}", "model.formulation=prompted"]
     if params.get("tasks"):
         wanted = set(params["tasks"])
         unknown = wanted - set(TRAINING_TASKS)

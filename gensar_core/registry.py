@@ -7,13 +7,26 @@ used are kept as version tags, so the decision can be read back in the MLflow UI
 """
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import logging
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
+import mlflow
+import pandas as pd
+import yaml
+from mlflow.exceptions import MlflowException
+
 from gensar_core import tracking
 from gensar_core.config import PipelineConfig
+from gensar_core.evaluate.protocols import evaluate_ranker
+from gensar_core.model.corpus import apply_id_scheme
+from gensar_core.model.ensemble import member_dirs
+from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
+from gensar_core.storage import Warehouse, read_table
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -24,8 +37,6 @@ MEMBER = "member"  # artifact names of an ensemble's other members: member1, mem
 
 def gate_metrics(cfg: PipelineConfig, ranker) -> dict[str, float]:
     """The gate's numbers for a ranker: `registry.metric` per task, full ranking on `registry.split`."""
-    from gensar_core.evaluate.protocols import evaluate_ranker
-
     full_only = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
         update={"protocols": ["full"], "max_cases": cfg.registry.max_cases})})
     result = evaluate_ranker(ranker, full_only, cfg.registry.split)["full"]
@@ -38,8 +49,6 @@ def beats(new: dict[str, float], champion: dict[str, float] | None) -> bool:
 
 
 def _champion(client, name: str):
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -48,10 +57,6 @@ def _champion(client, name: str):
 
 def register(cfg: PipelineConfig, model_dir: str | Path, metrics: dict[str, float]) -> dict:
     """Log `model_dir` as a pyfunc model version and apply the champion gate."""
-    import mlflow
-
-    from gensar_core.model.ensemble import member_dirs
-    from gensar_core.model.generative_ranker import ranker_settings
 
     name = cfg.registry.model_name
     with tracking.start_run(cfg, f"register {Path(model_dir).name}", tags={"gensar.step": "register"}) as run:
@@ -61,8 +66,6 @@ def register(cfg: PipelineConfig, model_dir: str | Path, metrics: dict[str, floa
             settings.write_text(json.dumps(ranker_settings(cfg)))
             identifiers = Path(cfg.warehouse) / "identifiers" / "items"
             if cfg.corpus.id_scheme != "dual":  # the table as this model speaks it
-                from gensar_core.model.corpus import apply_id_scheme
-                from gensar_core.storage import read_table
 
                 identifiers = Path(tmp) / "items.parquet"
                 apply_id_scheme(read_table(Path(cfg.warehouse) / "identifiers" / "items"),
@@ -94,8 +97,6 @@ def register(cfg: PipelineConfig, model_dir: str | Path, metrics: dict[str, floa
 
 
 def _requirements() -> list[str]:
-    import importlib.metadata as md
-
     pins = []
     for dist in ("torch", "transformers", "tokenizers", "safetensors", "pandas", "pyarrow", "pydantic", "mlflow"):
         try:
@@ -113,10 +114,6 @@ def champion_ranker(cfg: PipelineConfig):
     """The champion model as a ranker over today's identifier table when it extends the one the
     champion was trained with (incremental IDs: new items are recommendable from day one), else
     over the champion's own table."""
-    import pandas as pd
-
-    from gensar_core.model.generative_ranker import GenerativeRanker
-    from gensar_core.storage import Warehouse
 
     local = champion_download(cfg)
     if local is None:
@@ -142,8 +139,6 @@ def logged_members(artifacts: dict) -> list:
 
 
 def _artifact_paths(local: Path) -> dict[str, Path]:
-    import yaml
-
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     return {k: local / v["path"] for k, v in mlmodel["flavors"]["python_function"]["artifacts"].items()}
 
@@ -154,11 +149,6 @@ def champion_download(cfg: PipelineConfig) -> Path | None:
     One folder per version, filled once and renamed into place: the mapped batch_score tasks
     download at the same moment, and a version's files never change, so no process may delete
     a copy that another one is reading (a shared folder emptied first made them fail)."""
-    import os
-    import shutil
-
-    import mlflow
-
     tracking.configure(cfg)
     current = _champion(tracking.client(cfg), cfg.registry.model_name)
     if current is None:

@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from gensar_core import registry
 from gensar_core.config import PipelineConfig
 from gensar_core.data.split import histories, order_events
 from gensar_core.storage import Warehouse
@@ -111,8 +112,6 @@ def score_cases(ranker, cases: pd.DataFrame, task: str, k: int, item_id_of: np.n
 
 def run_batch_score(cfg: PipelineConfig, ranker=None, partition: Optional[int] = None) -> dict:
     """Score one partition (or all of them) with `ranker` (default: the champion model)."""
-    from gensar_core import registry
-
     started = time.perf_counter()
     scfg = cfg.scoring
     wh = Warehouse(cfg.warehouse)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,12 +15,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
+from gensar_core import registry
 from gensar_core.config import PipelineConfig
+from gensar_core.model.runs import trained_model_dir
+from gensar_core.storage import Warehouse
 
 JSON = "application/json"
 
@@ -82,8 +87,6 @@ def model_server(model_uri: str, tracking_uri: str, port: Optional[int] = None,
 
 def _stop(proc: subprocess.Popen) -> None:
     """Stop the server and the uvicorn process it starts (its own process group)."""
-    import signal
-
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -96,9 +99,6 @@ def _stop(proc: subprocess.Popen) -> None:
 def register_champion(cfg: PipelineConfig, tracking_uri: str) -> str:
     """Register `cfg`'s trained model as the champion of a fresh store at `tracking_uri` (the first
     version always passes the gate; no evaluation is run); its model URI."""
-    from gensar_core import registry
-    from gensar_core.model.train import trained_model_dir
-
     own = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": tracking_uri})})
     registry.register(own, trained_model_dir(cfg), {"rec": 0.0, "search": 0.0})
     return registry.champion_uri(own)
@@ -107,8 +107,6 @@ def register_champion(cfg: PipelineConfig, tracking_uri: str) -> str:
 def sample_rows(warehouse: str | Path, n: int, seed: int = 0, k: int = 10) -> list[dict]:
     """`n` request rows drawn from the test split: its rec and search cases with their histories
     and queries, in the split's mix of the two."""
-    from gensar_core.storage import Warehouse
-
     test = Warehouse(warehouse).read("splits/test")
     picks = np.random.default_rng(seed).integers(len(test), size=n)
     rows = []
@@ -124,8 +122,6 @@ def sample_rows(warehouse: str | Path, n: int, seed: int = 0, k: int = 10) -> li
 def load_test(url: str, bodies: list[Optional[bytes]], concurrency: int, timeout: float = 120) -> dict:
     """Send `bodies` (None: a GET) to `url`, `concurrency` at a time; latency percentiles (ms),
     throughput (requests/s) and the non-200 answers."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def one(body):
         start = time.perf_counter()
         try:

@@ -38,6 +38,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
+from gensar_core.model.generative_ranker import GenerativeRanker
+from gensar_core.registry import logged_members
+
 log = logging.getLogger(__name__)
 
 TASKS = ("rec", "search")
@@ -181,9 +184,6 @@ def parse_request(model_input, item_index: dict, n_items: int) -> list[Case]:
 
 class GenSARModel(PythonModel):
     def load_context(self, context):
-        from gensar_core.model.generative_ranker import GenerativeRanker
-        from gensar_core.registry import logged_members
-
         settings = json.loads(Path(context.artifacts["settings"]).read_text())
         identifiers = pd.read_parquet(context.artifacts["identifiers"])
         self.ranker = GenerativeRanker(context.artifacts["model"], identifiers, **settings,

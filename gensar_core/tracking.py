@@ -22,6 +22,9 @@ from typing import Any, Iterator, Mapping, Optional
 
 from gensar_core.config import PipelineConfig, gensar_home
 
+# mlflow is imported inside the helpers, deliberately: the DAG file imports this module (through
+# gensar_core.pipeline) at every Airflow parse, and mlflow takes seconds to import
+
 log = logging.getLogger(__name__)
 
 # MLflow caps a param value at 6000 characters

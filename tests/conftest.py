@@ -65,8 +65,10 @@ def toy_model(tmp_path_factory):
     cfg = PipelineConfig.model_validate({
         "warehouse": str(root / "wh"), "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
         "identifiers": {"shared_levels": 2, "specific_levels": 2, "codebook_size": 8},
-        "model": {"formulation": "prompted", "scratch": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "tokenizer_vocab_size": 300}},
-        "train": {"epochs": 2, "batch_size": 16, "eval_every": 0, "warmup_steps": 5, "progress": False,
+        "model": {"formulation": "prompted", "prompted": {
+            "scratch": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "tokenizer_vocab_size": 300},
+            "batch_size": 16}},
+        "train": {"epochs": 2, "eval_every": 0, "warmup_steps": 5, "progress": False,
                   "ensemble_seeds": []},  # one model; tests/test_ensemble.py trains an ensemble
         "evaluate": {"beam_size": 10, "baselines": ["popularity"], "log_mlflow": False},
         "scoring": {"partitions": 2, "active_days": 100000, "top_k": 5},

@@ -126,7 +126,7 @@ def stack(tmp_path_factory):
         base = _data(root / "ml")
         params = {"epochs": 1, "tasks": ["rec", "search", "align"], "overrides": [
             f"data.source.path={base}", "spark.shuffle_partitions=2", f"scoring.partitions={PARTITIONS}",
-            "identifiers.mode=incremental", "train.init_from_champion=true", *TINY]}
+            "identifiers.mode=incremental", "model.prompted.init_from_champion=true", *TINY]}
         conf = {**params, "overrides": [f"warehouse={wh}", f"tracking.uri={tracking_uri}", *params["overrides"]]}
         started = time.monotonic()
         run, tis = _run_dag(api, token(), conf, airflow_home)
@@ -138,7 +138,7 @@ def stack(tmp_path_factory):
 def test_dag_run_succeeds_with_metadata_in_postgres(stack):
     run, tis = stack["run"], stack["tis"]
     assert run["state"] == "success"
-    assert {ti["state"] for ti in tis} == {"success"}
+    assert {ti["task_id"]: ti["state"] for ti in tis if ti["state"] != "success"} == {"build_corpus": "skipped"}
     tasks = {ti["task_id"] for ti in tis}
     assert {"ingest", "split", "train", "evaluate", "register", "batch_score"} <= tasks
     # the scheduler's records are in PostgreSQL (and no sqlite database was made beside them)

@@ -77,7 +77,7 @@ def test_the_typed_defaults_are_the_embedded_default_run():
     assert load_config(root / "configs" / "default.yaml") == PipelineConfig()
     cfg = PipelineConfig()
     assert (cfg.model.formulation, cfg.identifiers.mode, cfg.identifiers.codebook_size) == ("timeline", "incremental", "auto")
-    assert (cfg.train.epochs, cfg.train.init_from_champion) == (20, True)
+    assert (cfg.train.epochs, cfg.model.prompted.init_from_champion) == (20, True)
 
 
 def test_config_sources_say_where_each_value_came_from(tmp_path):

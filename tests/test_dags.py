@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 # model sizes for a run on a handful of items: every step runs for real, just small
 TINY = ["embed.collaborative.epochs=1", "embed.collaborative.dim=16", "identifiers.epochs=2",
         "identifiers.codebook_size=4", "identifiers.hidden_dims=[32]", "identifiers.latent_dim=4",
-        "identifiers.batch_size=8", "model.scratch.d_model=32", "model.scratch.d_ff=64", "model.scratch.d_kv=8",
-        "model.scratch.num_heads=2", "model.scratch.tokenizer_vocab_size=300", "train.batch_size=16",
+        "identifiers.batch_size=8", "model.prompted.scratch.d_model=32", "model.prompted.scratch.d_ff=64", "model.prompted.scratch.d_kv=8",
+        "model.prompted.scratch.num_heads=2", "model.prompted.scratch.tokenizer_vocab_size=300", "model.prompted.batch_size=16",
         "model.timeline.d_model=32", "model.timeline.d_ff=64", "model.timeline.num_heads=2",
         "model.timeline.max_len=64", "model.timeline.tokens_per_batch=512",
         "train.eval_every=0", "train.warmup_steps=2", "evaluate.beam_size=5", "evaluate.num_candidates=5",
@@ -67,10 +67,13 @@ def test_nightly_dag_end_to_end_rerun_and_next_day(airflow_home, gensar_home, tm
     wh = tmp_path / "wh"
     conf = {"epochs": 1, "tasks": ["rec", "search", "align"], "overrides": [
         f"warehouse={wh}", f"data.source.path={base}", "spark.shuffle_partitions=2",
-        "identifiers.mode=incremental", "train.init_from_champion=true", *TINY]}
+        "identifiers.mode=incremental", "model.prompted.init_from_champion=true", *TINY]}
 
-    # night 1: every step, trained from scratch
-    _run(dag, 27, conf)
+    # night 1: every step, trained from scratch; the timeline formulation reads no prompted corpus
+    run = _run(dag, 27, conf)
+    assert {ti.task_id: ti.state for ti in run.get_task_instances() if ti.state != "success"} == {
+        "build_corpus": "skipped"}
+    assert not (wh / "corpus").exists()
     assert len(read(wh / "curated" / "events")) == 15
     assert len(read(wh / "splits" / "test")) == 3
     ids = read(wh / "identifiers" / "items")

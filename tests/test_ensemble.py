@@ -50,7 +50,8 @@ def test_evaluation_decodes_the_members_together_and_the_registry_keeps_them(tra
     from gensar_core import registry, tracking
     from gensar_core.config import with_overrides
     from gensar_core.evaluate.context import EvalContext
-    from gensar_core.pipeline import generative_ranker, step_register
+    from gensar_core.model.ensemble import generative_ranker
+    from gensar_core.pipeline import step_register
 
     cfg, result = trained
     both, alone = generative_ranker(cfg), generative_ranker(with_overrides(cfg, ["train.ensemble_seeds=[]"]))

@@ -8,7 +8,7 @@ import torch
 from gensar_core import tracking
 from gensar_core.baselines import BASELINES
 from gensar_core.config import PipelineConfig
-from gensar_core.evaluate import run_evaluate
+from gensar_core.evaluate.run import run_evaluate
 from gensar_core.evaluate.context import EvalContext
 from gensar_core.evaluate.report import markdown_table
 from eval_warehouse import hash_encoder, write_synthetic_warehouse

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from gensar_core.config import PipelineConfig
+from gensar_core.config import PipelineConfig, PromptedModelConfig
 from gensar_core.model.backbone import convert_smollm2, load_backbone, load_trained, smollm2_gguf_path
 from gensar_core.model.corpus import run_build_corpus
 from toy_warehouse import write_toy_warehouse
-from gensar_core.model.train import run_train
+from gensar_core.model.prompted_train import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,11 @@ pytestmark = pytest.mark.slow
 
 def toy(root: Path, **cfg) -> PipelineConfig:
     write_toy_warehouse(root, n_users=12, n_items=16, events_per_user=8, seed=2)
-    tree = {"warehouse": str(root), "identifiers": {"codebook_size": 8}, **cfg}
-    tree["model"] = {"formulation": "prompted", **tree.get("model", {})}
+    """`model` holds the prompted recipe's settings; `train` may name its own ones too (batch_size, ...)."""
+    train = dict(cfg.pop("train", {}))
+    own = {k: train.pop(k) for k in list(train) if k in PromptedModelConfig.model_fields}
+    tree = {"warehouse": str(root), "identifiers": {"codebook_size": 8}, "train": train, **cfg}
+    tree["model"] = {"formulation": "prompted", "prompted": {**tree.get("model", {}), **own}}
     config = PipelineConfig.model_validate(tree)
     run_build_corpus(config)
     return config
@@ -76,7 +79,7 @@ def test_two_process_training_with_torchrun(tmp_path):
         import json, os, torch
         torch.set_num_threads(1)
         from gensar_core.config import PipelineConfig
-        from gensar_core.model.train import run_train
+        from gensar_core.model.prompted_train import run_train
         cfg = PipelineConfig.model_validate(json.loads({json.dumps(cfg.model_dump_json())}))
         result = run_train(cfg)
         if int(os.environ["RANK"]) == 0:

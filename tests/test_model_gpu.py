@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gensar_core.model.train import run_slug, run_train
+from gensar_core.model.prompted_train import run_slug, run_train
 from test_model_train import LossRecorder, copy_of, falls, make_cfg, toy_root  # noqa: F401 (toy_root: fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

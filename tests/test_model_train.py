@@ -11,12 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from gensar_core import tracking
-from gensar_core.config import PipelineConfig
+from gensar_core.config import PipelineConfig, PromptedModelConfig
 from gensar_core.model.backbone import load_backbone, load_trained
 from gensar_core.model.corpus import run_build_corpus
 from gensar_core.model.data import IGNORE, encode_examples
 from toy_warehouse import write_toy_warehouse
-from gensar_core.model.train import epoch_order, lr_factor, run_slug, run_train
+from gensar_core.model.prompted_train import epoch_order, run_slug, run_train
+from gensar_core.model.training import lr_at
 
 SCRATCH = {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers": 1, "num_decoder_layers": 1,
            "dropout": 0.1, "tokenizer_vocab_size": 400}
@@ -44,10 +45,16 @@ def toy_root(tmp_path_factory):
 
 
 def make_cfg(wh, train=None, model=None, **extra) -> PipelineConfig:
+    """A prompted config; `train` may name the shared `train` settings and the recipe's own
+    (`model.prompted`: batch_size, save_every, metric, ...), `model` the recipe's model settings."""
+    train = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "eval_every": 10,
+             "save_every": 10, "log_every": 5, "progress": False, "patience": 0, **(train or {})}
+    own = set(PromptedModelConfig.model_fields)
+    prompted = {"scratch": SCRATCH, "max_input_length": 128, **(model or {}),
+                **{k: v for k, v in train.items() if k in own}}
     tree = {"warehouse": str(wh), "identifiers": {"codebook_size": 8},
-            "model": {"formulation": "prompted", "scratch": SCRATCH, "max_input_length": 128, **(model or {})},
-            "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "eval_every": 10,
-                      "save_every": 10, "log_every": 5, "progress": False, "patience": 0, **(train or {})}}
+            "model": {"formulation": "prompted", "prompted": prompted},
+            "train": {k: v for k, v in train.items() if k not in own}}
     tree.update(extra)
     return PipelineConfig.model_validate(tree)
 
@@ -103,10 +110,11 @@ def tiny_llama(tmp_path_factory):
 
 # ---------------------------------------------------------------- pieces
 def test_lr_schedule_and_epoch_mix():
-    f = [lr_factor(s, 100, 10, "cosine", 0.1) for s in range(100)]
+    f = [lr_at(s, 100, 1.0, 10, "cosine", 0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
     assert f[-1] == pytest.approx(0.1, abs=0.01) and all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert lr_factor(50, 100, 0, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_at(50, 100, 2.0, 0, "linear", 0.0) == pytest.approx(1.0)
+    assert lr_at(50, 100, 2.0, 10, "constant") == 2.0 and lr_at(4, 100, 2.0, 10, "constant") == pytest.approx(1.0)
     idx = {"rec": np.arange(100), "align": np.arange(100, 120)}
     order = epoch_order(idx, {"rec": 0.5, "align": 2.0}, seed=1, epoch=0)
     assert len(order) == 50 + 40 and (order >= 100).sum() == 40 and len(set(order[order < 100])) == 50
@@ -165,7 +173,7 @@ def test_scratch_t5_loss_falls_and_mlflow_records_the_run(toy_root, tmp_path):
     run = tracking.get_run(cfg, result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == result["run_name"]
     params = run.data.params
-    assert params["train.lr"] == "0.003" and params["model.backbone"] == "t5-scratch"
+    assert params["train.lr"] == "0.003" and params["model.prompted.backbone"] == "t5-scratch"
     assert params["corpus.tasks.rec.enabled"] == "True" and params["derived.kind"] == "seq2seq"
     assert run.data.tags["gensar.tasks"] == "rec+search+query+adhoc+align"
     losses = tracking.metric_history(cfg, result["mlflow_run_id"], "train/loss")

@@ -116,7 +116,8 @@ def test_rest_trigger_runs_the_night_with_its_params(airflow, night1, ops_home):
     assert run["state"] == "success" and run["conf"] == night1["conf"] and run["triggering_user_name"] == "admin"
     tis = airflow.call("GET", f"/dags/{DAG}/dagRuns/{night1['run_id']}/taskInstances")["task_instances"]
     states = {(ti["task_id"], ti["map_index"]): ti["state"] for ti in tis}
-    assert set(states.values()) == {"success"}, states
+    # the timeline formulation reads no prompted corpus: its step is skipped, the rest succeed
+    assert {k: v for k, v in states.items() if v != "success"} == {("build_corpus", -1): "skipped"}, states
     assert {t for t, _ in states} == {"ingest", "split", "embed_semantic", "embed_collaborative", "learn_identifiers",
                                       "build_corpus", "train", "evaluate", "register", "score_partitions",
                                       "batch_score"}

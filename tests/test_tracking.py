@@ -39,7 +39,7 @@ def test_default_store_is_sqlite_under_gensar_home(cfg, gensar_home):
 
 def test_flatten_config():
     flat = tracking.flatten_config(PipelineConfig(warehouse="/w"))
-    assert flat["train.lr"] == "0.001" and flat["model.backbone"] == "t5-scratch"
+    assert flat["train.lr"] == "0.001" and flat["model.prompted.backbone"] == "t5-scratch"
     assert flat["corpus.tasks.rec.weight"] == "1.0" and flat["data.source.kind"] == "movielens"
     assert flat["identifiers.hidden_dims"] == "[512, 256, 128, 64]" and flat["spark.conf"] == "{}"
     assert flat["warehouse"] == "/w" and flat["ds"] == "None"

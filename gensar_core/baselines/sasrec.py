@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from gensar_core.evaluate.ranking import ScoreRanker
 
@@ -23,7 +24,5 @@ class SASRecRanker(ScoreRanker):
         self.model = model if model is not None else ctx.sasrec
 
     def score(self, cases: pd.DataFrame, task: str) -> np.ndarray:
-        import torch
-
         with torch.inference_mode():
             return self.model.score([list(s) for s in cases["seq"]])

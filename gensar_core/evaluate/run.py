@@ -10,12 +10,13 @@ import logging
 import time
 from typing import Optional
 
+from gensar_core.baselines import build_baselines
 from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.context import TASKS, EvalContext
 from gensar_core.evaluate.protocols import evaluate_ranker
 from gensar_core.evaluate.ranking import Ranker
-from gensar_core.evaluate.report import (log_to_mlflow, paired_against, paired_against_best, seed_groups,
-                                         seed_summary, write_report)
+from gensar_core.evaluate.report import (log_to_mlflow, paired_against, paired_against_best, seed_groups, seed_summary,
+                                         write_report)
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
     Returns {'split', 'cases', 'methods': {name: {protocol: {task: metrics}}}, 'report': paths,
     'mlflow_run_id', 'seconds'}.
     """
-    from gensar_core.baselines import build_baselines
-
     started = time.perf_counter()
     ecfg = cfg.evaluate
     ctx = ctx or EvalContext(cfg)

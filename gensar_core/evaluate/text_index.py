@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import bm25s
 import numpy as np
 
 
 def tokenize(texts: Sequence[str]) -> list[list[str]]:
-    import bm25s
-
     if not len(texts):
         return []
     return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
@@ -23,8 +22,6 @@ class BM25Index:
     """Scores of every document for a query: `scores(queries) -> (B, N)` float32."""
 
     def __init__(self, docs: Sequence[str], k1: float = 1.5, b: float = 0.75):
-        import bm25s
-
         self.n_docs = len(docs)
         self.retriever = bm25s.BM25(k1=k1, b=b)
         self.retriever.index(tokenize(docs), show_progress=False)

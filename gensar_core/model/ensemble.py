@@ -9,19 +9,24 @@ registry logs the members with the model, so batch scoring and serving decode th
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
+from gensar_core import tracking
 from gensar_core.config import PipelineConfig, with_overrides
+from gensar_core.model.corpus import apply_id_scheme, enabled_tasks
+from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
+from gensar_core.model.runs import train_seed, trained_model_dir
+from gensar_core.model.timeline_train import valid_cases, validate
+from gensar_core.storage import Warehouse, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
 def member_seeds(cfg: PipelineConfig) -> list[int]:
     """The seeds of the members other than the model at `train.seed` (each once)."""
-    from gensar_core.model.runs import train_seed
-
     return [s for s in dict.fromkeys(cfg.train.ensemble_seeds) if s != train_seed(cfg)]
 
 
@@ -32,9 +37,24 @@ def member_config(cfg: PipelineConfig, seed: int) -> PipelineConfig:
 
 def member_dirs(cfg: PipelineConfig) -> list[Path]:
     """The folders of the members other than the config's own model (none for one model)."""
-    from gensar_core.model.runs import trained_model_dir
-
     return [trained_model_dir(member_config(cfg, seed)) for seed in member_seeds(cfg)]
+
+
+def generative_ranker(cfg: PipelineConfig, name: str = "gensar", train_args: Optional[str] = None) -> GenerativeRanker:
+    """The trained generative model of `cfg`, with its ensemble members, as a Ranker; a model that
+    has not been trained is an error, so a report never silently lacks the method it was asked
+    for. `train_args`: what to add to `gensar -c CONFIG` to train it (None: it is the config's own
+    model)."""
+    model_dir = trained_model_dir(cfg)
+    if not (model_dir / "config.json").exists():
+        how = ("run the train step" if train_args is None else
+               f"train it with `gensar -c CONFIG {train_args} run --steps build_corpus,train`, "
+               f"or remove it from evaluate.variants / evaluate.seeds")
+        raise FileNotFoundError(f"{name}: no trained model at {model_dir}: {how}")
+    tasks = [t for t in ("rec", "search") if t in enabled_tasks(cfg.corpus)]
+    identifiers = apply_id_scheme(Warehouse(cfg.warehouse).read("identifiers/items"), cfg.corpus.id_scheme)
+    return GenerativeRanker(model_dir, identifiers, **ranker_settings(cfg), tasks=tasks, name=name,
+                            members=member_dirs(cfg))
 
 
 def run_train_ensemble(cfg: PipelineConfig, train_one: Callable[[PipelineConfig], dict]) -> dict:
@@ -55,13 +75,6 @@ def run_train_ensemble(cfg: PipelineConfig, train_one: Callable[[PipelineConfig]
 def validate_ensemble(cfg: PipelineConfig, model_dir: Path) -> dict:
     """The ensemble's valid NDCG@10 (the numbers each member selected its checkpoint on), beside
     the model (`<run>.metrics.json`) and in MLflow."""
-    import json
-
-    from gensar_core import tracking
-    from gensar_core.model.timeline_train import valid_cases, validate
-    from gensar_core.pipeline import generative_ranker
-    from gensar_core.storage import Warehouse, write_json_atomic
-
     wh = Warehouse(cfg.warehouse)
     ranker = generative_ranker(cfg)  # the model and its members, as evaluation decodes them
     metrics = {f"ensemble/{k}": v for k, v in validate(ranker, valid_cases(cfg, cfg.train.max_valid_examples)).items()}

@@ -28,11 +28,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from gensar_core.identifiers.naming import parse_id
 from gensar_core.model.backbone import Backbone, load_trained
+from gensar_core.model.corpus import enabled_tasks
 from gensar_core.model.data import encode_prompts
 from gensar_core.model.decode import constrained_beam_search
 from gensar_core.model.prefix_index import PrefixIndex
 from gensar_core.model.prompts import ItemIds, fill, render_history, templates
+from gensar_core.model.timeline import TimelineCodec
 from gensar_core.model.vocab import REC_ITEM, SRC_ITEM
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,6 @@ def ranker_settings(cfg, validation: bool = False) -> dict:
     registered model, so serving decodes the way evaluation did). `validation`: those in-training
     validation decodes with, one prompt length and no rec prior on search (each checkpoint is
     chosen as before these ranking options existed, and validation stays fast)."""
-    from gensar_core.model.corpus import enabled_tasks
-
     both = {"rec", "search"} <= set(enabled_tasks(cfg.corpus))
     settings = {"beam_size": cfg.evaluate.beam_size, "scoring": cfg.evaluate.scoring,
                 "search_rec_weight": cfg.evaluate.search_rec_weight if both and not validation else 0.0}
@@ -59,7 +60,7 @@ def ranker_settings(cfg, validation: bool = False) -> dict:
                 "extra_prompt_tokens": [] if validation else list(cfg.model.timeline.extra_prompt_tokens)}
     return {**settings, "max_rec_history": cfg.corpus.max_rec_history,
             "max_search_history": cfg.corpus.max_search_history,
-            "max_input_length": cfg.model.max_input_length}
+            "max_input_length": cfg.model.prompted.max_input_length}
 
 
 class GenerativeRanker:
@@ -90,8 +91,6 @@ class GenerativeRanker:
         # (or the shorter `prompt_tokens`)
         self.timeline = None
         if self.backbone.source.get("formulation") == "timeline":
-            from gensar_core.model.timeline import TimelineCodec
-
             self.timeline = TimelineCodec.of(self.tokenizer, self.item_ids,
                                              bool(self.backbone.source.get("history_ids", False)))
             window = int(self.backbone.source["max_len"])
@@ -265,7 +264,5 @@ class GenerativeRanker:
 
 def full_sequences(identifiers: Sequence[str], tokenizer) -> torch.Tensor:
     """Token ids [N, L] of each ID string (no behaviour token), in the given order."""
-    from gensar_core.identifiers.naming import parse_id
-
     rows = [tokenizer.convert_tokens_to_ids([f"<{l}_{c}>" for l, c in parse_id(i)]) for i in identifiers]
     return torch.tensor(rows, dtype=torch.long)

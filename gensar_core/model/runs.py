@@ -7,6 +7,8 @@ from typing import Sequence
 
 from gensar_core import tracking
 from gensar_core.config import PipelineConfig
+from gensar_core.model.backbone import backbone_label
+from gensar_core.model.corpus import enabled_tasks
 from gensar_core.storage import Warehouse, resolve
 
 
@@ -31,9 +33,6 @@ def run_slug(name: str) -> str:
 
 def trained_model_dir(cfg: PipelineConfig) -> Path:
     """Where `run_train` writes (and later steps find) the model of this config."""
-    from gensar_core.model.backbone import backbone_label
-    from gensar_core.model.corpus import enabled_tasks
-
     name = run_name(cfg, enabled_tasks(cfg.corpus), backbone_label(cfg.model))
     return Path(cfg.warehouse) / "models" / run_slug(name)
 

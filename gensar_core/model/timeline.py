@@ -17,13 +17,10 @@ model's job: the caller asks for one).
 
 The tokenizer is word-level: behaviour tokens, identifier tokens and the query words seen in
 train, whitespace-separated, so every token of the format is one id and there is no BPE to learn.
-With `model.timeline.item_tokens` every item also has one token of its own, written after its ID
-in the history as context (never predicted): the model reads an item at once instead of
-assembling it from four codes. With `model.timeline.history_ids` every event also carries the
-codes of the item's other identifier that its own lacks (the collaborative suffix after a
-search's semantic ID, the semantic suffix after a click's collaborative ID), so recommendation
-reads every history item by its collaborative codes and search by its semantic ones; with the
-`align` task those codes get a loss (the paper's ID alignment, inside the timeline).
+With `model.timeline.history_ids` every event also carries the codes of the item's other
+identifier that its own lacks (the collaborative suffix after a search's semantic ID, the
+semantic suffix after a click's collaborative ID), so recommendation reads every history item by
+its collaborative codes and search by its semantic ones; those codes are context, never predicted.
 At decoding time a prompt is the user's timeline, then `<rec_item>` (recommendation) or
 `<src_query>` query `<src_item>` (search), and constrained beam search writes the ID.
 """
@@ -34,17 +31,20 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
+from gensar_core.identifiers.naming import parse_id
 from gensar_core.model.prompts import ItemIds
 from gensar_core.model.vocab import BEHAVIOUR_TOKENS, REC_ITEM, SRC_ITEM, SRC_QUERY
 
 PAD, BOS, UNK = "<pad>", "<s>", "<unk>"
-ITEM_TOKEN_PREFIX = "<item_"
 SPECIAL = (PAD, BOS, UNK)
 IGNORE = -100
 # what each token of a timeline is, so a task switched off loses its loss but keeps its context
-GIVEN, REC_ID, QUERY, SEARCH_ID, ALIGN = 0, 1, 2, 3, 4
-TASK_KINDS = {"rec": (REC_ID,), "query": (QUERY,), "search": (SEARCH_ID,), "align": (ALIGN,)}
+GIVEN, REC_ID, QUERY, SEARCH_ID = 0, 1, 2, 3
+TASK_KINDS = {"rec": (REC_ID,), "query": (QUERY,), "search": (SEARCH_ID,)}
 
 
 def supervised_kinds(tasks: Sequence[str]) -> tuple[int, ...]:
@@ -57,8 +57,6 @@ def query_words(query: Optional[str]) -> list[str]:
 
 
 def id_tokens(identifier: str) -> list[str]:
-    from gensar_core.identifiers.naming import parse_id
-
     return [f"<{letter}_{code}>" for letter, code in parse_id(identifier)]
 
 
@@ -73,25 +71,12 @@ def own_codes(identifier: str, beside: Sequence[str]) -> list[str]:
     return tokens[shared:]
 
 
-def item_token(ids: ItemIds) -> str:
-    """The item's own token, named by its collaborative ID (unique per item): `<item_a0b1c4d5>`."""
-    from gensar_core.identifiers.naming import parse_id
-
-    return ITEM_TOKEN_PREFIX + "".join(f"{letter}{code}" for letter, code in parse_id(ids.collaborative_id)) + ">"
-
-
 def build_tokenizer(queries: Iterable[Optional[str]], extra_tokens: Sequence[str], min_count: int = 1):
     """A word-level fast tokenizer: specials, behaviour and identifier tokens, then the query
     words of `queries` seen at least `min_count` times (most frequent first)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     counts = Counter(w for q in queries for w in query_words(q))
     fixed = list(SPECIAL) + [t for t in BEHAVIOUR_TOKENS] + [t for t in extra_tokens if t not in BEHAVIOUR_TOKENS]
-    # a query word that looks like an item token stays out (<unk>): the codec tells a model with
-    # item tokens by that prefix in its vocabulary
-    words = [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-             if c >= min_count and w not in fixed and not w.startswith(ITEM_TOKEN_PREFIX)]
+    words = [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count and w not in fixed]
     vocab = {tok: i for i, tok in enumerate(fixed + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -105,13 +90,11 @@ class TimelineCodec:
 
     vocab: Mapping[str, int]
     item_ids: Mapping[str, ItemIds]
-    item_tokens: bool = False  # each event ends with its item's token (the vocabulary has them)
     history_ids: bool = False  # each event also carries its item's other identifier's own codes
 
     @classmethod
     def of(cls, tokenizer, item_ids: Mapping[str, ItemIds], history_ids: bool = False) -> "TimelineCodec":
-        vocab = tokenizer.get_vocab()
-        return cls(vocab, item_ids, any(t.startswith(ITEM_TOKEN_PREFIX) for t in vocab), history_ids)
+        return cls(tokenizer.get_vocab(), item_ids, history_ids)
 
     def _ids(self, tokens: Sequence[str]) -> list[int]:
         unk = self.vocab[UNK]
@@ -120,18 +103,15 @@ class TimelineCodec:
     def event(self, behavior: str, item_id: str, query: Optional[str]) -> tuple[list[int], list[int]]:
         """(token ids, token kinds) of one event."""
         ids = self.item_ids[str(item_id)]
-        item = [item_token(ids)] if self.item_tokens else []  # an item newer than the model: <unk>
         if behavior == "rec":
             code = id_tokens(ids.collaborative_id)
             other = own_codes(ids.semantic_id, code) if self.history_ids else []
-            return (self._ids([REC_ITEM] + code + other + item),
-                    [GIVEN] + [REC_ID] * len(code) + [ALIGN] * len(other) + [GIVEN] * len(item))
+            return self._ids([REC_ITEM] + code + other), [GIVEN] + [REC_ID] * len(code) + [GIVEN] * len(other)
         if behavior == "search":
             words, code = query_words(query), id_tokens(ids.semantic_id)
             other = own_codes(ids.collaborative_id, code) if self.history_ids else []
-            toks = [SRC_QUERY] + words + [SRC_ITEM] + code + other + item
-            kinds = ([GIVEN] + [QUERY] * (len(words) + 1) + [SEARCH_ID] * len(code) + [ALIGN] * len(other)
-                     + [GIVEN] * len(item))
+            toks = [SRC_QUERY] + words + [SRC_ITEM] + code + other
+            kinds = [GIVEN] + [QUERY] * (len(words) + 1) + [SEARCH_ID] * len(code) + [GIVEN] * len(other)
             return self._ids(toks), kinds
         raise ValueError(f"unknown behaviour {behavior!r}")
 
@@ -187,15 +167,6 @@ class TimelineCodec:
         return self._words
 
 
-def searches_as_rec(events: Sequence[Mapping], share: float, rng: np.random.Generator) -> list[Mapping]:
-    """`events` with each search, with probability `share`, written as a recommendation click of
-    the same item: a searched item is also the user's next item, so recommendation learns from
-    every click (as SASRec and the collaborative embedding do), not from recommendation clicks alone."""
-    flip = rng.random(len(events)) < share
-    return [{"behavior": "rec", "item_id": e["item_id"], "query": None} if f and e["behavior"] == "search" else e
-            for e, f in zip(events, flip)]
-
-
 def training_windows(timelines: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], max_len: int,
                      rng: np.random.Generator, kinds: Sequence[int] = (REC_ID, QUERY, SEARCH_ID)
                      ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -244,13 +215,13 @@ def batches(windows: list[tuple[np.ndarray, ...]], tokens_per_batch: int,
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def kind_weights(rec: float = 1.0, search: float = 1.0, query: float = 1.0, align: float = 1.0,
+def kind_weights(rec: float = 1.0, search: float = 1.0, query: float = 1.0,
                  kinds: Sequence[int] = (REC_ID, QUERY, SEARCH_ID)) -> Optional[np.ndarray]:
-    """The loss weight of each token kind, indexed by kind (GIVEN, REC_ID, QUERY, SEARCH_ID, ALIGN);
+    """The loss weight of each token kind, indexed by kind (GIVEN, REC_ID, QUERY, SEARCH_ID);
     None when the supervised `kinds` all weigh the same (the plain mean over supervised tokens,
     e.g. a single-task model)."""
-    weights = np.zeros(5, dtype=np.float32)
-    weights[REC_ID], weights[QUERY], weights[SEARCH_ID], weights[ALIGN] = rec, query, search, align
+    weights = np.zeros(4, dtype=np.float32)
+    weights[REC_ID], weights[QUERY], weights[SEARCH_ID] = rec, query, search
     if len({float(weights[k]) for k in kinds}) <= 1:
         return None
     return weights
@@ -270,8 +241,6 @@ def collate_windows(windows, index: Sequence[int], pad_id: int = 0, weights: Opt
     """A right-padded batch of `windows[index]`; with `weights` (kind_weights), also each
     position's loss weight, 0 where there is no label. `pad_shape`: pad to `padded_shape` (the
     extra rows and columns are padding: no label, weight 0, after every real token)."""
-    import torch
-
     rows = [windows[i] for i in index]
     n, width = len(rows), max(len(w) for w, _, _ in rows)
     if pad_shape:

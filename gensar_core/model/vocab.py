@@ -8,8 +8,11 @@ absorbed into it rather than becoming a token of its own.
 """
 from __future__ import annotations
 
+from tokenizers import AddedToken
+
 from gensar_core.config import IdentifierConfig, PipelineConfig
 from gensar_core.identifiers.naming import vocabulary
+from gensar_core.identifiers.sizing import resolved_identifiers
 
 REC_ITEM = "<rec_item>"
 SRC_QUERY = "<src_query>"
@@ -25,8 +28,6 @@ def added_tokens(cfg: PipelineConfig | IdentifierConfig) -> list[str]:
     """Behaviour tokens then every identifier token, in a stable order (an `auto` codebook size
     is the one of the warehouse's identifiers)."""
     if isinstance(cfg, PipelineConfig):
-        from gensar_core.identifiers.sizing import resolved_identifiers
-
         icfg = resolved_identifiers(cfg)
     else:
         icfg = cfg
@@ -35,8 +36,6 @@ def added_tokens(cfg: PipelineConfig | IdentifierConfig) -> list[str]:
 
 def add_vocabulary(tokenizer, tokens: list[str]) -> list[int]:
     """Add `tokens` as single tokens (idempotent); returns their ids, in order."""
-    from tokenizers import AddedToken
-
     have = tokenizer.get_vocab()
     missing = [t for t in tokens if t not in have]
     if missing:

@@ -1,29 +1,34 @@
-"""The `train` step: a plain PyTorch loop (nanoGPT-like) over the corpus, for every backbone.
+"""The paper's prompted recipe: a plain PyTorch loop (nanoGPT-like) over the `build_corpus`
+prompts, for every backbone of `model.prompted` (a small T5 from scratch, SmolLM2, any local
+Hugging Face model, LoRA).
 
     run_train(cfg) -> dict      reads corpus/{task}, writes models/<run>/ (atomic), logs to MLflow
 
-What the loop does, in order:
-- seeds everything from `train.seed` (default the pipeline seed); the example order of each epoch
-  is a pure function of (seed, epoch): tasks are mixed by `corpus.tasks.<task>.weight` (examples
-  per epoch as a multiple of the task's size), then shuffled;
-- micro-batches of `train.batch_size`, `train.grad_accum` of them per optimizer step (AdamW,
-  gradient clipping, warmup then cosine/linear decay), bf16/fp16 autocast on a GPU;
-- validation every `train.eval_every` steps and after each epoch: token-weighted loss on the
-  validation examples (overall and per task) plus whatever the `evaluators` return; early
-  stopping on `train.metric` (`train.patience` evaluations without improvement); the best
-  weights are what the step writes at the end;
-- a checkpoint every `train.save_every` steps and after each epoch under
-  `<warehouse>/checkpoints/<run>/step-XXXXXXXX/`: model.safetensors, optimizer.pt, scheduler.pt,
-  rng.pt (plain tensors and dicts: `torch.load(weights_only=True)` reads them), trainer_state.json,
-  the tokenizer. A rerun of the same config resumes from the last one (the MLflow run too), and
-  ends with the same weights as a run that never stopped (on CPU; GPU kernels may differ in the
-  last bits). A run with a different config or corpus starts over. The folder is removed once the
-  final model is committed.
-- multi-GPU: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DDP, each rank takes every
-  WORLD_SIZE-th micro-batch, and rank 0 alone writes checkpoints, the model and MLflow records.
+What `run_train` does, in order (each part a function below):
+- `load_examples`: the corpus's train and valid examples of the enabled tasks;
+- `resume_point`: the last checkpoint of the same config and corpus, when there is one;
+- the backbone (`load_backbone`) and the encoded examples;
+- `plan_steps`: micro-batches of `model.prompted.batch_size`, `grad_accum` of them per optimizer
+  step; the example order of each epoch is a pure function of (seed, epoch) (`epoch_order`:
+  tasks mixed by `corpus.tasks.<task>.weight`, then shuffled);
+- the loop: AdamW, the shared schedule and precision (model/training.py), gradient clipping;
+  `validate` every `train.eval_every` steps and after each epoch: token-weighted loss on the
+  valid examples (overall and per task) plus whatever the evaluators return, early stopping on
+  `model.prompted.metric` with the best weights kept (training.BestCheckpoint);
+- `save_checkpoint` every `save_every` steps and after each epoch under
+  `<warehouse>/checkpoints/<run>/step-XXXXXXXX/`: model.safetensors, optimizer.pt, rng.pt (plain
+  tensors and dicts: `torch.load(weights_only=True)` reads them), trainer_state.json, the
+  tokenizer. A rerun of the same config resumes from the last one (the MLflow run too), and ends
+  with the same weights as a run that never stopped (on CPU; GPU kernels may differ in the last
+  bits). A run with a different config or corpus starts over. The folder is removed once the
+  final model is committed;
+- the best weights saved as the model folder (training.save_model_folder).
 
-Evaluators (the hook for a decoder's ranking metrics): callables `fn(ctx: EvalContext) -> dict`,
-passed to `run_train(cfg, evaluators=[...])` or named in `train.evaluators` as
+Multi-GPU: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DDP, each rank takes every
+WORLD_SIZE-th micro-batch, and rank 0 alone writes checkpoints, the model and MLflow records.
+
+Evaluators (the hook for a decoder's ranking metrics): callables `fn(ctx: ValidationContext) ->
+dict`, passed to `run_train(cfg, evaluators=[...])` or named in `model.prompted.evaluators` as
 'package.module:function'. Their keys (e.g. 'valid/rec/ndcg@5') can be the early-stopping metric.
 Callbacks `fn(event, state)` see every optimizer step ('step'), evaluation ('eval') and
 checkpoint ('checkpoint'); an exception raised there stops training like a crash would.
@@ -47,23 +52,28 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from gensar_core import tracking
 from gensar_core.config import PipelineConfig
 from gensar_core.devices import pick_device
-from gensar_core.model.backbone import Backbone, backbone_label, load_backbone, save_trained
+from gensar_core.model.backbone import Backbone, backbone_label, load_backbone
 from gensar_core.model.corpus import enabled_tasks, read_corpus
 from gensar_core.model.data import Encoded, collate, encode_examples, n_target_tokens
 from gensar_core.model.distributed import Dist, dist_setup
-from gensar_core.model.runs import log_model_artifacts, run_name, run_slug, train_seed, trained_model_dir  # noqa: F401
-from gensar_core.storage import Warehouse, atomic_dir, resolve, write_json_atomic
+from gensar_core.model.runs import run_name, run_slug, train_seed
+from gensar_core.model.training import (BestCheckpoint, amp_dtype, autocast, grad_scaler, lr_at, save_model_folder,
+                                        training_run)
+from gensar_core.storage import Warehouse, atomic_dir
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 # settings that do not change the trained weights: a rerun that changes only these resumes
-_NO_EFFECT = {"progress", "log_every", "resume", "num_threads", "device", "keep_checkpoints", "run_name", "run_tag"}
+_NO_EFFECT = {"progress", "log_every", "num_threads", "device", "run_name", "run_tag"}
+_NO_EFFECT_PROMPTED = {"resume", "keep_checkpoints"}
 
 
 # ---------------------------------------------------------------- public types
@@ -73,18 +83,24 @@ class TrainState:
     epoch: int = 0                # epoch in progress
     micro: int = 0                # micro-batches of this epoch already used (this rank)
     tokens: int = 0               # non-padding tokens seen (all ranks)
-    best_metric: Optional[float] = None
-    best_step: int = -1
-    bad_evals: int = 0
-    stopped_early: bool = False
+    best: Optional[BestCheckpoint] = None  # early stopping and the best weights' folder
     last_loss: Optional[float] = None
     evals: list = field(default_factory=list)
     mlflow_run_id: Optional[str] = None
     fingerprint: str = ""
 
+    @property
+    def stopped_early(self) -> bool:
+        return self.best is not None and self.best.stop
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainState":
+        saved = json.loads(text)
+        return cls(**{**saved, "best": BestCheckpoint(**saved["best"]) if saved.get("best") else None})
+
 
 @dataclass
-class EvalContext:
+class ValidationContext:
     """What an evaluator gets: the model in eval mode, its tokenizer and kind, and the config."""
 
     model: torch.nn.Module
@@ -97,20 +113,24 @@ class EvalContext:
     backbone: Backbone
 
 
-Evaluator = Callable[[EvalContext], dict]
+Evaluator = Callable[[ValidationContext], dict]
 Callback = Callable[[str, TrainState], None]
 
 
-# ---------------------------------------------------------------- small pieces
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak LR for optimizer step `step` (0-based)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_ratio + (1 - min_ratio) * decay
+# ---------------------------------------------------------------- data and plan
+def load_examples(cfg: PipelineConfig, tasks: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(train examples, valid examples, the corpus manifest): valid capped at
+    `train.max_valid_examples`, drawn with the pipeline seed so every train seed selects on the
+    same examples."""
+    corpus, manifest = read_corpus(cfg, tasks)
+    train_df = corpus[corpus["split"] == "train"].reset_index(drop=True)
+    valid_df = corpus[corpus["split"] == "valid"]
+    limit = cfg.train.max_valid_examples
+    if limit and len(valid_df) > limit:
+        valid_df = valid_df.sample(n=limit, random_state=cfg.seed).sort_index()
+    if train_df.empty:
+        raise ValueError(f"the corpus has no training examples for tasks {tasks}")
+    return train_df, valid_df.reset_index(drop=True), manifest
 
 
 def epoch_order(task_index: dict[str, np.ndarray], weights: dict[str, float], seed: int, epoch: int) -> np.ndarray:
@@ -128,13 +148,21 @@ def epoch_order(task_index: dict[str, np.ndarray], weights: dict[str, float], se
     return order[rng.permutation(len(order))]
 
 
-def _precision(tcfg, device: torch.device) -> Optional[torch.dtype]:
-    mode = tcfg.mixed_precision
-    if device.type != "cuda" or mode == "no":
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
+@dataclass
+class StepPlan:
+    micro_per_epoch: int          # micro-batches of this rank each epoch
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_steps(examples_per_epoch: int, pcfg, tcfg, world: int) -> StepPlan:
+    """How many micro-batches and optimizer steps an epoch and the whole training take."""
+    micro = math.ceil(examples_per_epoch / pcfg.batch_size) // world
+    if micro == 0:
+        raise ValueError(f"{examples_per_epoch} examples per epoch make no batch of {pcfg.batch_size} on {world} ranks")
+    per_epoch = math.ceil(micro / pcfg.grad_accum)
+    total = per_epoch * tcfg.epochs
+    return StepPlan(micro, per_epoch, min(total, tcfg.max_steps) if tcfg.max_steps else total)
 
 
 def _load_evaluator(spec: str) -> Evaluator:
@@ -146,7 +174,9 @@ def _load_evaluator(spec: str) -> Evaluator:
 
 def train_fingerprint(cfg: PipelineConfig, corpus_hash: str) -> str:
     tcfg = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NO_EFFECT}
-    blob = json.dumps({"train": tcfg, "model": cfg.model.model_dump(mode="json"),
+    model = cfg.model.model_dump(mode="json")
+    model["prompted"] = {k: v for k, v in model["prompted"].items() if k not in _NO_EFFECT_PROMPTED}
+    blob = json.dumps({"train": tcfg, "model": model,
                        "corpus": cfg.corpus.model_dump(mode="json"), "corpus_hash": corpus_hash,
                        "identifiers": cfg.identifiers.model_dump(mode="json"), "seed": cfg.seed},
                       sort_keys=True, default=str)
@@ -173,18 +203,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, scaler, tokenizer, keep: int) -> Path:
-    from safetensors.torch import save_model
-
+def save_checkpoint(root: Path, state: TrainState, model, optimizer, scaler, tokenizer, keep: int) -> Path:
     target = root / f"step-{state.step:08d}"
     with atomic_dir(target) as stage:
         save_model(model, str(stage / "model.safetensors"))
         torch.save(optimizer.state_dict(), stage / "optimizer.pt")
-        torch.save(scheduler.state_dict(), stage / "scheduler.pt")
         torch.save(_rng_state(), stage / "rng.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), stage / "scaler.pt")
@@ -195,19 +218,33 @@ def save_checkpoint(root: Path, state: TrainState, model, optimizer, scheduler, 
     return target
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, device) -> TrainState:
-    from safetensors.torch import load_model
-
+def load_checkpoint(path: Path, model, optimizer, scaler, device) -> TrainState:
     load_model(model, str(path / "model.safetensors"), device=str(device))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+    return TrainState.from_json((path / STATE_FILE).read_text())
 
 
-# ---------------------------------------------------------------- evaluation
+def resume_point(root: Path, fingerprint: str, resume: bool, dist: Dist) -> Optional[Path]:
+    """The last checkpoint under `root` of the same config and corpus (None: start over, and
+    what is there of another config is removed)."""
+    last = None
+    found = _checkpoints(root) if resume else []
+    if found:
+        saved = json.loads((found[-1] / STATE_FILE).read_text())
+        if saved.get("fingerprint") == fingerprint:
+            last = found[-1]
+        elif dist.main:
+            log.warning("checkpoints under %s are of another config or corpus: starting over", root)
+    if last is None and dist.main and root.exists():
+        shutil.rmtree(root)
+    dist.barrier()
+    return last
+
+
+# ---------------------------------------------------------------- validation
 @torch.no_grad()
 def validation_loss(model, enc: Encoded, tasks: Sequence[str], pad_id: int, kind: str, batch_size: int,
                     device, autocast, dist: Dist) -> dict[str, float]:
@@ -254,64 +291,37 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
               callbacks: Sequence[Callback] = ()) -> dict:
     """corpus -> models/<run>/ (weights + tokenizer + gensar_model.json), logged to MLflow."""
     t_start = time.perf_counter()
-    tcfg, mcfg = cfg.train, cfg.model
+    tcfg, pcfg = cfg.train, cfg.model.prompted
     seed = train_seed(cfg)
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     dist = dist_setup(tcfg.device)
     device = pick_device(tcfg.device, dist.local_rank)
-    amp_dtype = _precision(tcfg, device)
-    evaluators = list(evaluators) + [_load_evaluator(s) for s in tcfg.evaluators]
+    evaluators = list(evaluators) + [_load_evaluator(s) for s in pcfg.evaluators]
     track = dist.main and cfg.tracking.enabled  # rank 0 alone talks to MLflow
-    if track:
-        tracking.silence_mlflow_warnings()
 
-    # ---- data
+    # ---- data; is there a checkpoint of this config to resume?
     tasks = enabled_tasks(cfg.corpus)
-    corpus, manifest = read_corpus(cfg, tasks)
-    train_df = corpus[corpus["split"] == "train"].reset_index(drop=True)
-    valid_df = corpus[corpus["split"] == "valid"]
-    if tcfg.max_valid_examples and len(valid_df) > tcfg.max_valid_examples:
-        # the pipeline seed: every train seed selects on the same valid examples
-        valid_df = valid_df.sample(n=tcfg.max_valid_examples, random_state=cfg.seed).sort_index()
-    valid_df = valid_df.reset_index(drop=True)
-    if train_df.empty:
-        raise ValueError(f"the corpus has no training examples for tasks {tasks}")
+    train_df, valid_df, manifest = load_examples(cfg, tasks)
     fingerprint = train_fingerprint(cfg, manifest["content_hash"])
-
-    # ---- where things go; is there a checkpoint to resume?
     wh = Warehouse(cfg.warehouse)
-    name = run_name(cfg, tasks, backbone_label(mcfg))
-    slug = run_slug(name)
-    ckpt_root = wh.path("checkpoints", slug)
-    last = None
-    if tcfg.resume:
-        found = _checkpoints(ckpt_root)
-        if found:
-            saved = json.loads((found[-1] / STATE_FILE).read_text())
-            if saved.get("fingerprint") == fingerprint:
-                last = found[-1]
-            elif dist.main:
-                log.warning("checkpoints under %s are of another config or corpus: starting over", ckpt_root)
-    if last is None and dist.main and ckpt_root.exists():
-        shutil.rmtree(ckpt_root)
-    dist.barrier()
+    name = run_name(cfg, tasks, backbone_label(cfg.model))
+    ckpt_root = wh.path("checkpoints", run_slug(name))
+    last = resume_point(ckpt_root, fingerprint, pcfg.resume, dist)
 
-    # ---- model
-    from transformers import AutoTokenizer
+    # ---- model and encoded examples
 
     saved_tokenizer = AutoTokenizer.from_pretrained(str(last / "tokenizer")) if last is not None else None
-    texts = pd.concat([train_df["input_text"], train_df["target_text"]]) if mcfg.backbone == "t5-scratch" else None
+    texts = pd.concat([train_df["input_text"], train_df["target_text"]]) if pcfg.backbone == "t5-scratch" else None
     backbone = load_backbone(cfg, corpus_texts=texts, tokenizer=saved_tokenizer, seed=seed)
     tokenizer, kind = backbone.tokenizer, backbone.kind
     pad_id = tokenizer.pad_token_id
     model = backbone.model.to(device)
     model.train()
-
     enc_train = encode_examples(tokenizer, kind, train_df["input_text"].tolist(), train_df["target_text"].tolist(),
-                                mcfg.max_input_length, mcfg.max_target_length)
+                                pcfg.max_input_length, pcfg.max_target_length)
     enc_valid = encode_examples(tokenizer, kind, valid_df["input_text"].tolist(), valid_df["target_text"].tolist(),
-                                mcfg.max_input_length, mcfg.max_target_length)
+                                pcfg.max_input_length, pcfg.max_target_length)
     task_index = {t: np.flatnonzero(train_df["task"].to_numpy() == t) for t in tasks}
     task_index = {t: i for t, i in task_index.items() if len(i)}
     weights = {t: getattr(cfg.corpus.tasks, t).weight for t in tasks}
@@ -321,105 +331,74 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
         lengths += np.array([len(x) for x in enc_train.labels], dtype=np.int64)
     n_targets = np.array([int((x != -100).sum()) for x in enc_train.labels], dtype=np.int64)
 
-    # ---- steps
-    per_epoch = len(epoch_order(task_index, weights, seed, 0))
-    micro_per_epoch = math.ceil(per_epoch / tcfg.batch_size) // dist.world
-    if micro_per_epoch == 0:
-        raise ValueError(f"{per_epoch} examples per epoch make no batch of {tcfg.batch_size} on {dist.world} ranks")
-    steps_per_epoch = math.ceil(micro_per_epoch / tcfg.grad_accum)
-    total_steps = steps_per_epoch * tcfg.epochs
-    if tcfg.max_steps:
-        total_steps = min(total_steps, tcfg.max_steps)
-
+    # ---- optimizer, schedule, precision; the state to start from
+    plan = plan_steps(len(epoch_order(task_index, weights, seed, 0)), pcfg, tcfg, dist.world)
+    total_steps = plan.total_steps
     optimizer = torch.optim.AdamW(_param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(0.9, 0.98), eps=1e-8,
                                   fused=device.type == "cuda")
     warmup = min(tcfg.warmup_steps, max(0, total_steps - 1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, tcfg.schedule, tcfg.min_lr_ratio))
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
+    dtype = amp_dtype(device, tcfg.mixed_precision)
+    amp = lambda: autocast(device, dtype)  # noqa: E731
+    scaler = grad_scaler(dtype)
     torch.manual_seed(seed + dist.rank)
-    state = TrainState(fingerprint=fingerprint)
+    state = TrainState(fingerprint=fingerprint,
+                       best=BestCheckpoint(str(ckpt_root / "best"), pcfg.metric_mode, tcfg.patience))
     if last is not None:
-        state = load_checkpoint(last, model, optimizer, scheduler, scaler, device)
+        state = load_checkpoint(last, model, optimizer, scaler, device)
         log.info("resuming %s from %s (step %d)", name, last.name, state.step)
     resumed_from = state.step if last is not None else None
-
     ddp_model = model
     if dist.world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-    best_dir = ckpt_root / "best"
-
-    def evaluate() -> dict:
+    def validate() -> dict:
+        """The valid loss and the evaluators' numbers; the best weights kept by `pcfg.metric`."""
         metrics = validation_loss(model, enc_valid, valid_df["task"].tolist(), pad_id, kind,
-                                  tcfg.batch_size, device, autocast, dist) if len(valid_df) else {}
+                                  pcfg.batch_size, device, amp, dist) if len(valid_df) else {}
         if evaluators and dist.main:
             model.eval()
-            ctx = EvalContext(model=model, tokenizer=tokenizer, kind=kind, cfg=cfg, step=state.step,
-                              device=device, valid=valid_df, backbone=backbone)
+            ctx = ValidationContext(model=model, tokenizer=tokenizer, kind=kind, cfg=cfg, step=state.step,
+                                    device=device, valid=valid_df, backbone=backbone)
             for fn in evaluators:
                 metrics.update(fn(ctx) or {})
             model.train()
         metrics = dist.broadcast(metrics)
         if not metrics:
             return metrics
-        if tcfg.metric not in metrics:
-            raise KeyError(f"train.metric {tcfg.metric!r} is not among the validation metrics {sorted(metrics)}")
-        value = float(metrics[tcfg.metric])
-        better = state.best_metric is None or (value < state.best_metric if tcfg.metric_mode == "min"
-                                               else value > state.best_metric)
-        if better:
-            state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
-            if dist.main:
-                from safetensors.torch import save_model
-
-                with atomic_dir(best_dir) as stage:
-                    save_model(model, str(stage / "model.safetensors"))
-                    (stage / "step.json").write_text(json.dumps({"step": state.step, "metric": value}))
-        else:
-            state.bad_evals += 1
+        if pcfg.metric not in metrics:
+            raise KeyError(f"model.prompted.metric {pcfg.metric!r} is not among the validation metrics "
+                           f"{sorted(metrics)}")
+        state.best.record(state.step, float(metrics[pcfg.metric]), model if dist.main else None)
         state.evals.append({"step": state.step, **{k: float(v) for k, v in metrics.items()}})
         if track:
-            tracking.log_metrics({**metrics, "valid/best": state.best_metric}, step=state.step)
-        if tcfg.patience and state.bad_evals >= tcfg.patience:
-            state.stopped_early = True
+            tracking.log_metrics({**metrics, "valid/best": state.best.best}, step=state.step)
         for cb in callbacks:
             cb("eval", state)
         return metrics
 
     def checkpoint() -> None:
         if dist.main:
-            save_checkpoint(ckpt_root, state, model, optimizer, scheduler, scaler, tokenizer, tcfg.keep_checkpoints)
+            save_checkpoint(ckpt_root, state, model, optimizer, scaler, tokenizer, pcfg.keep_checkpoints)
         dist.barrier()
         for cb in callbacks:
             cb("checkpoint", state)
 
-    # ---- MLflow (rank 0); a resumed run continues its MLflow run
-    tags = {"gensar.step": "train", "gensar.backbone": backbone.label, "gensar.tasks": "+".join(tasks),
-            "gensar.kind": kind}
-    run_ctx = tracking.start_run(cfg, name, tags, run_id=state.mlflow_run_id) if track else contextlib.nullcontext()
+    # ---- the loop, in its MLflow run (a resumed training continues its run)
+    tags = {"gensar.backbone": backbone.label, "gensar.tasks": "+".join(tasks), "gensar.kind": kind,
+            "gensar.formulation": "prompted"}
+    params = {"derived.run_name": name, "derived.total_steps": total_steps,
+              "derived.steps_per_epoch": plan.steps_per_epoch, "derived.train_examples": len(train_df),
+              "derived.valid_examples": len(valid_df), "derived.world_size": dist.world,
+              "derived.device": device.type, "derived.kind": kind,
+              "derived.parameters": sum(p.numel() for p in model.parameters()),
+              "derived.trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    run_ctx = training_run(cfg, name, tags, params, run_id=state.mlflow_run_id) if track else contextlib.nullcontext()
     t_loop = time.perf_counter()
     tokens_at_start = state.tokens
-    new_run = state.mlflow_run_id is None
     with run_ctx as run:
         if track:
             state.mlflow_run_id = run.info.run_id
-            if new_run:
-                tracking.log_params_from_config(cfg)
-                tracking.log_params({"derived.run_name": name, "derived.total_steps": total_steps,
-                                     "derived.steps_per_epoch": steps_per_epoch, "derived.train_examples": len(train_df),
-                                     "derived.valid_examples": len(valid_df), "derived.world_size": dist.world,
-                                     "derived.device": device.type, "derived.kind": kind,
-                                     "derived.parameters": sum(p.numel() for p in model.parameters()),
-                                     "derived.trainable_parameters": sum(p.numel() for p in model.parameters()
-                                                                         if p.requires_grad)})
             if resumed_from is not None:
                 tracking.set_tags({"gensar.resumed_from_step": resumed_from})
         bar = tqdm(total=total_steps, initial=state.step, desc=f"train {name}",
@@ -428,36 +407,13 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
         try:
             while state.step < total_steps and not state.stopped_early:
                 order = epoch_order(task_index, weights, seed, state.epoch)
-                micro = [order[i: i + tcfg.batch_size] for i in range(0, len(order), tcfg.batch_size)]
-                micro = micro[dist.rank::dist.world][:micro_per_epoch]
+                micro = [order[i: i + pcfg.batch_size] for i in range(0, len(order), pcfg.batch_size)]
+                micro = micro[dist.rank::dist.world][:plan.micro_per_epoch]
                 while state.micro < len(micro) and state.step < total_steps:
-                    group = micro[state.micro: state.micro + tcfg.grad_accum]
-                    n_target = int(sum(n_targets[b].sum() for b in group))
-                    step_loss = 0.0
-                    for j, idx in enumerate(group):
-                        batch = {k: v.to(device, non_blocking=True)
-                                 for k, v in collate(enc_train, idx, pad_id, kind).items()}
-                        n = n_target_tokens(batch)
-                        sync = j == len(group) - 1 or dist.world == 1
-                        ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
-                        with ctx:
-                            with autocast():
-                                loss = ddp_model(**batch).loss
-                            # token-weighted mean over the whole optimizer step
-                            scaled = loss * (n / max(1, n_target))
-                            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                        step_loss += loss.detach().item() * n / max(1, n_target)
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    if tcfg.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    group = micro[state.micro: state.micro + pcfg.grad_accum]
+                    lr = lr_at(state.step, total_steps, tcfg.lr, warmup, tcfg.schedule, tcfg.min_lr_ratio)
+                    step_loss = optimizer_step(ddp_model, model, optimizer, scaler, enc_train, group, n_targets,
+                                               pad_id, kind, device, amp, lr, tcfg.max_grad_norm, dist)
                     state.micro += len(group)
                     state.step += 1
                     step_tokens = int(sum(lengths[b].sum() for b in group)) * dist.world
@@ -468,18 +424,17 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
                     bar.set_postfix(loss=f"{step_loss:.3f}", epoch=state.epoch)
                     if track and (state.step % tcfg.log_every == 0 or state.step == total_steps):
                         now = time.perf_counter()
-                        tracking.log_metrics({"train/loss": window_loss / window_n,
-                                              "train/lr": scheduler.get_last_lr()[0],
+                        tracking.log_metrics({"train/loss": window_loss / window_n, "train/lr": lr,
                                               "train/tokens_per_s": window_tok / max(1e-9, now - window_t),
                                               "train/epoch": state.epoch + state.micro / len(micro)}, step=state.step)
                         window_loss, window_n, window_tok, window_t = 0.0, 0, 0, now
                     epoch_done = state.micro >= len(micro)
                     if (tcfg.eval_every and state.step % tcfg.eval_every == 0) or epoch_done \
                             or state.step == total_steps:
-                        evaluate()
+                        validate()
                     if epoch_done:
                         state.epoch, state.micro = state.epoch + 1, 0
-                    if state.step % tcfg.save_every == 0 or epoch_done or state.step == total_steps \
+                    if state.step % pcfg.save_every == 0 or epoch_done or state.step == total_steps \
                             or state.stopped_early:
                         checkpoint()
                     for cb in callbacks:
@@ -489,18 +444,15 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
             seconds = time.perf_counter() - t_loop
 
             # ---- the final model: the best weights by the validation metric (else the last)
-            if best_dir.exists() and state.best_step >= 0:
-                from safetensors.torch import load_model
-
-                load_model(model, str(resolve(best_dir) / "model.safetensors"), device=str(device))
-            out_dir = wh.path("models", slug)
+            state.best.restore(model, device)
+            out_dir = wh.path("models", run_slug(name))
             result = {
                 "run_name": name, "model_dir": str(out_dir), "mlflow_run_id": state.mlflow_run_id,
                 "tasks": tasks, "kind": kind, "backbone": backbone.label, "device": str(device),
                 "world_size": dist.world, "steps": state.step, "total_steps": total_steps,
                 "epochs_done": state.epoch, "stopped_early": state.stopped_early,
                 "resumed_from_step": resumed_from, "train/final_loss": state.last_loss,
-                "best_metric": state.best_metric, "best_step": state.best_step, "metric": tcfg.metric,
+                "best_metric": state.best.best, "best_step": state.best.best_step, "metric": pcfg.metric,
                 "tokens": state.tokens, "train/tokens_per_s": (state.tokens - tokens_at_start) / max(1e-9, seconds),
                 "train_examples": len(train_df), "valid_examples": len(valid_df),
                 "loop_seconds": round(seconds, 2),
@@ -508,20 +460,12 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
             if state.evals:
                 result.update({k: v for k, v in state.evals[-1].items() if k.startswith("valid/")})
             if dist.main:
-                model.eval()
-                with atomic_dir(out_dir) as stage:
-                    save_trained(backbone, stage, {
-                        "run_name": name, "tasks": tasks, "identifiers": cfg.identifiers.model_dump(mode="json"),
-                        "max_input_length": mcfg.max_input_length, "max_target_length": mcfg.max_target_length,
-                        "corpus_hash": manifest["content_hash"], "metrics": result,
-                        "config_fingerprint": cfg.fingerprint()})
-                    write_json_atomic(stage / "train_history.json", {"evals": state.evals})
-                if track:
-                    log_model_artifacts(cfg, wh, out_dir)
-                    tracking.log_metrics({"final/steps": state.step, "final/tokens_per_s": result["train/tokens_per_s"],
-                                          **({"final/best_metric": state.best_metric}
-                                             if state.best_metric is not None else {})})
-                write_json_atomic(wh.path("models", f"{slug}.metrics.json"), result)
+                meta = {"run_name": name, "tasks": tasks, "identifiers": cfg.identifiers.model_dump(mode="json"),
+                        "max_input_length": pcfg.max_input_length, "max_target_length": pcfg.max_target_length,
+                        "corpus_hash": manifest["content_hash"]}
+                final = {"final/steps": state.step, "final/tokens_per_s": result["train/tokens_per_s"],
+                         **({"final/best_metric": state.best.best} if state.best.best is not None else {})}
+                save_model_folder(cfg, out_dir, backbone, meta, {"evals": state.evals}, result, track, final)
                 shutil.rmtree(ckpt_root, ignore_errors=True)
             dist.barrier()
         finally:
@@ -529,3 +473,34 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
     result["seconds"] = round(time.perf_counter() - t_start, 2)
     log.info("train: %s", {k: result[k] for k in ("run_name", "steps", "best_metric", "seconds")})
     return result
+
+
+def optimizer_step(ddp_model, model, optimizer, scaler, enc: Encoded, group: list, n_targets: np.ndarray,
+                   pad_id: int, kind: str, device, amp, lr: float, max_grad_norm: Optional[float], dist: Dist) -> float:
+    """One optimizer step over the micro-batches `group` (gradients accumulated, DDP syncing on the
+    last); returns the step's loss, the token-weighted mean over the whole step."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    n_target = int(sum(n_targets[b].sum() for b in group))
+    step_loss = 0.0
+    for j, idx in enumerate(group):
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate(enc, idx, pad_id, kind).items()}
+        n = n_target_tokens(batch)
+        sync = j == len(group) - 1 or dist.world == 1
+        with contextlib.nullcontext() if sync else ddp_model.no_sync():
+            with amp():
+                loss = ddp_model(**batch).loss
+            scaled = loss * (n / max(1, n_target))
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        step_loss += loss.detach().item() * n / max(1, n_target)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
