@@ -100,14 +100,15 @@ def trained_setup(args):
     """A trained model folder and its warehouse: the real catalogue and real prompts, the test
     split's cases of the task (`--id collaborative`: recommendation, `semantic`: search) written
     as evaluation writes them."""
-    from gensar_core.model.generative_ranker import GenerativeRanker
+    from gensar_core.model.generative_ranker import DecodeSettings, GenerativeRanker
     from gensar_core.storage import Warehouse
 
     if not args.warehouse:
         raise SystemExit("--model needs --warehouse (the warehouse whose identifiers it was trained on)")
     wh = Warehouse(args.warehouse)
     # only its prompts and prefix index are used; the runs below decode with each scoring
-    ranker = GenerativeRanker(args.model, wh.read("identifiers/items"), beam_size=args.beam, scoring="level")
+    ranker = GenerativeRanker(args.model, wh.read("identifiers/items"),
+                              DecodeSettings(beam_size=args.beam, normalize="level"))
     task = "rec" if args.id == "collaborative" else "search"
     cases = wh.read("splits/test")
     cases = cases[cases["behavior"] == task].head(args.batch * (args.batches + 1))

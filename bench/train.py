@@ -59,7 +59,7 @@ class Timeline:
                                               for t in ids[np.isin(kinds, (REC_ID, SEARCH_ID))]}))
         backbone = Backbone(self.model, self.data.tokenizer, "causal", "timeline",
                             {"formulation": "timeline", "max_len": cfg.model.timeline.max_len})
-        self.ranker = GenerativeRanker(backbone, self.data.identifiers, **ranker_settings(cfg, validation=True))
+        self.ranker = GenerativeRanker(backbone, self.data.identifiers, ranker_settings(cfg, validation=True))
         self.loss_weights = tt.kind_loss_weights(self.data, cfg.model.timeline)
 
     def step(self) -> int:
@@ -92,7 +92,7 @@ class PromptedT5:
         self.pos, self.step_no = 0, 0
         vocab = self.bb.tokenizer.get_vocab()
         self.id_tokens = torch.tensor(sorted(i for t, i in vocab.items() if t.startswith("<") and t[2:3] == "_"))
-        self.ranker = GenerativeRanker(self.bb, tt.load_data(cfg).identifiers, **ranker_settings(cfg, validation=True))
+        self.ranker = GenerativeRanker(self.bb, tt.load_data(cfg).identifiers, ranker_settings(cfg, validation=True))
 
     def step(self) -> int:
         bs = self.cfg.model.prompted.batch_size

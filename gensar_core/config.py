@@ -246,11 +246,19 @@ class TaskConfig(_Strict):
     templates_per_example: int = Field(1, ge=1)
 
 
+class AdhocTaskConfig(TaskConfig):
+    """The ad-hoc search task, written with two templates by default. Its own class, so that a
+    partial setting (`corpus.tasks.adhoc.enabled=true`, as the DAG's `tasks` param writes) keeps
+    that default instead of falling back to TaskConfig's one."""
+
+    templates_per_example: int = Field(2, ge=1)
+
+
 class CorpusTasksConfig(_Strict):
     rec: TaskConfig = TaskConfig()        # next recommended item: history -> <rec_item> + collaborative ID
     search: TaskConfig = TaskConfig()     # next searched item: history + query -> <src_item> + semantic ID
     query: TaskConfig = TaskConfig()      # next search query: history -> <src_query> + query
-    adhoc: TaskConfig = TaskConfig(templates_per_example=2)  # pseudo-query -> <src_item> + semantic ID
+    adhoc: AdhocTaskConfig = AdhocTaskConfig()  # pseudo-query -> <src_item> + semantic ID
     align: TaskConfig = TaskConfig()      # item text <-> semantic / collaborative ID
 
 
@@ -488,7 +496,7 @@ class EvaluateConfig(_Strict):
     # gets that level's probability for free), the step's codebook, or the whole vocabulary
     # (generate's own scores). 'level' chosen on valid with beam 40 (the same log: search +0.0046
     # over 'prefix', beyond chance, rec level; decoding 1.1x the time of beam 20 'prefix')
-    scoring: Literal["prefix", "level", "vocab"] = "level"
+    normalize: Literal["prefix", "level", "vocab"] = "level"
     # search ranks its beam by the search log-prob plus this times the log-prob the same model's
     # recommendation head gives each item after the user's history (a personal prior: which of the
     # items that match the query this user would pick); 0: off. Models trained for both tasks only.
@@ -535,6 +543,19 @@ class RegistryConfig(_Strict):
     max_cases: Optional[int] = Field(600, ge=1)
 
 
+def prompt_only_settings(corpus: CorpusConfig) -> list[str]:
+    """The `corpus` settings, changed from their defaults, that only the prompted recipe's
+    prompts read: how much history a prompt renders, item text length, the task mix and templates
+    (the timeline formulation reads the tasks' `enabled`, `id_scheme` and the pseudo-queries)."""
+    default = CorpusConfig()
+    keys = [k for k in ("max_rec_history", "max_search_history", "max_text_words")
+            if getattr(corpus, k) != getattr(default, k)]
+    for task in TRAINING_TASKS:
+        mine, base = getattr(corpus.tasks, task), getattr(default.tasks, task)
+        keys += [f"tasks.{task}.{k}" for k in ("weight", "templates_per_example") if getattr(mine, k) != getattr(base, k)]
+    return [f"corpus.{k}" for k in keys]
+
+
 # ---------------------------------------------------------------- the whole pipeline
 class PipelineConfig(_Strict):
     warehouse: Path = Field(default_factory=lambda: gensar_home() / "warehouse")
@@ -566,6 +587,17 @@ class PipelineConfig(_Strict):
             raise ValueError(f"ds must be a date YYYY-MM-DD, got {v!r}") from e
         return v
 
+    @model_validator(mode="after")
+    def _timeline_reads_what_is_set(self) -> "PipelineConfig":
+        """A corpus setting that only the prompted recipe's prompts read, set for a timeline model,
+        is an error naming it rather than a silent no-op."""
+        if self.model.formulation == "timeline":
+            unread = prompt_only_settings(self.corpus)
+            if unread:
+                raise ValueError(f"{', '.join(unread)}: read only by the prompted recipe's corpus "
+                                 f"(model.formulation=prompted); the timeline formulation ignores it")
+        return self
+
     def fingerprint(self) -> str:
         """A short hash of the config, recorded beside outputs."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -589,6 +621,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key")
+        elif not loc:  # a rule across sections: its message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

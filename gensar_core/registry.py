@@ -25,7 +25,7 @@ from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.protocols import evaluate_ranker
 from gensar_core.model.corpus import apply_id_scheme
 from gensar_core.model.ensemble import member_dirs
-from gensar_core.model.generative_ranker import GenerativeRanker, ranker_settings
+from gensar_core.model.generative_ranker import DecodeSettings, GenerativeRanker, ranker_settings
 from gensar_core.storage import Warehouse, read_table
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,14 @@ def _champion(client, name: str):
 
 def register(cfg: PipelineConfig, model_dir: str | Path, metrics: dict[str, float]) -> dict:
     """Log `model_dir` as a pyfunc model version and apply the champion gate."""
-
     name = cfg.registry.model_name
     with tracking.start_run(cfg, f"register {Path(model_dir).name}", tags={"gensar.step": "register"}) as run:
         tracking.log_metrics({f"gate/{t}/{cfg.registry.metric}": v for t, v in metrics.items()})
         with tempfile.TemporaryDirectory() as tmp:
             settings = Path(tmp) / "settings.json"
-            settings.write_text(json.dumps(ranker_settings(cfg)))
+            settings.write_text(json.dumps(ranker_settings(cfg).to_json()))
             identifiers = Path(cfg.warehouse) / "identifiers" / "items"
             if cfg.corpus.id_scheme != "dual":  # the table as this model speaks it
-
                 identifiers = Path(tmp) / "items.parquet"
                 apply_id_scheme(read_table(Path(cfg.warehouse) / "identifiers" / "items"),
                                 cfg.corpus.id_scheme).to_parquet(identifiers, index=False)
@@ -128,8 +126,8 @@ def champion_ranker(cfg: PipelineConfig):
         kept = theirs[cols].merge(ours[cols], on=cols, how="inner")
         if len(kept) == len(theirs):
             ids = ours
-    settings = json.loads(Path(artifacts["settings"]).read_text())
-    return GenerativeRanker(artifacts["model"], ids, **settings, members=logged_members(artifacts))
+    settings = DecodeSettings.from_json(json.loads(Path(artifacts["settings"]).read_text()))
+    return GenerativeRanker(artifacts["model"], ids, settings, members=logged_members(artifacts))
 
 
 def logged_members(artifacts: dict) -> list:

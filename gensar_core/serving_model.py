@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from gensar_core.model.generative_ranker import GenerativeRanker
+from gensar_core.model.generative_ranker import DecodeSettings, GenerativeRanker
 from gensar_core.registry import logged_members
 
 log = logging.getLogger(__name__)
@@ -184,9 +184,9 @@ def parse_request(model_input, item_index: dict, n_items: int) -> list[Case]:
 
 class GenSARModel(PythonModel):
     def load_context(self, context):
-        settings = json.loads(Path(context.artifacts["settings"]).read_text())
+        settings = DecodeSettings.from_json(json.loads(Path(context.artifacts["settings"]).read_text()))
         identifiers = pd.read_parquet(context.artifacts["identifiers"])
-        self.ranker = GenerativeRanker(context.artifacts["model"], identifiers, **settings,
+        self.ranker = GenerativeRanker(context.artifacts["model"], identifiers, settings,
                                        members=logged_members(context.artifacts))
         self.item_index = dict(zip(identifiers["item_id"].astype(str), identifiers["item_idx"]))
         self.item_id_of = identifiers.sort_values("item_idx")["item_id"].astype(str).to_numpy()

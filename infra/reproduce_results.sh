@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the README's results section on the embedded default: GenSAR (joint, timeline
+# Reproduces the README's results table on the embedded default: GenSAR (joint, timeline
 # formulation), each variant of `evaluate.variants` in configs/ablations.yaml (rec-only,
 # search-only, TIGER-style, the paper's prompted T5), the replicas at the train seeds of
 # `evaluate.seeds`, then one evaluation report with every baseline. About 4 hours on 2 CPU
@@ -13,8 +13,10 @@ export GENSAR_HOME=${GENSAR_HOME:-$PWD/.gensar-results}
 config=(-c configs/ablations.yaml "$@")
 parallel=${JOBS:-$(nproc)}
 
-"$gensar" "${config[@]}" run --steps ingest,split,embed_semantic,embed_collaborative,learn_identifiers,build_corpus
-# every model has its own folder; the corpus (all tasks) serves the prompted variant. One
+"$gensar" "${config[@]}" run --steps ingest,split,embed_semantic,embed_collaborative,learn_identifiers
+# the prompted variant reads the build_corpus prompts (all tasks); a timeline config skips that step
+"$gensar" "${config[@]}" --variant gensar-prompted-t5 build_corpus
+# every model has its own folder. One
 # training per line, each a single model: the variant (or 'gensar', the config's own model) and
 # a train seed, for the config's own seed, each ensemble member's (train.ensemble_seeds) and
 # each of evaluate.seeds; a folder that two lines would train (an ensemble member that is also

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gensar_core.config import ConfigError, PipelineConfig, load_config
+from gensar_core.config import ConfigError, PipelineConfig, load_config, with_overrides
 
 
 def test_defaults_are_the_embedded_default(monkeypatch, tmp_path):
@@ -66,9 +66,17 @@ def test_fingerprint_tracks_content():
     assert a.fingerprint() != PipelineConfig(warehouse="/w", seed=1).fingerprint()
 
 
-def test_shipped_configs_load():
-    for f in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
-        load_config(f)
+def test_shipped_configs_load_and_differ_from_the_defaults_as_they_say():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    shipped = {f.stem: load_config(f) for f in sorted(root.glob("*.yaml"))}
+    assert set(shipped) == {"default", "ablations", "amazon", "generic", "kuaisar"}
+    assert shipped["default"] == PipelineConfig()
+    assert [shipped[name].data.source.kind for name in ("amazon", "generic", "kuaisar")] == ["amazon", "generic", "kuaisar"]
+    ablations = shipped["ablations"]
+    assert {"gensar-rec-only", "gensar-search-only", "tiger-style", "gensar-prompted-t5"} <= set(ablations.evaluate.variants)
+    variants = {name: with_overrides(ablations, o) for name, o in ablations.evaluate.variants.items()}
+    assert variants["gensar-prompted-t5"].model.formulation == "prompted"
+    assert not variants["gensar-rec-only"].corpus.tasks.search.enabled
 
 
 def test_the_typed_defaults_are_the_embedded_default_run():
@@ -93,3 +101,17 @@ def test_config_sources_say_where_each_value_came_from(tmp_path):
     assert sources["train.epochs"] == (2, "variant v")
     assert sources["train.lr"] == (PipelineConfig().train.lr, "default")
     assert set(sources) >= {"data.source.kind", "model.timeline.max_len", "evaluate.beam_size"}
+
+
+def test_a_corpus_setting_the_timeline_model_never_reads_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match=r"corpus\.max_text_words, corpus\.tasks\.rec\.weight: read only by the prompted"):
+        load_config(None, ["corpus.tasks.rec.weight=2", "corpus.max_text_words=10"])
+    prompted = load_config(None, ["corpus.tasks.rec.weight=2", "model.formulation=prompted"])
+    assert prompted.corpus.tasks.rec.weight == 2.0
+
+
+def test_a_partial_task_setting_keeps_the_tasks_other_defaults():
+    """The DAG's `tasks` param sets only `enabled`: the ad-hoc task keeps its two templates."""
+    cfg = load_config(None, ["corpus.tasks.adhoc.enabled=true", "corpus.tasks.rec.enabled=false"])
+    assert cfg.corpus.tasks.adhoc.templates_per_example == 2 and cfg.corpus.tasks.rec.templates_per_example == 1
+    assert cfg.corpus == load_config(None, ["corpus.tasks.rec.enabled=false"]).corpus

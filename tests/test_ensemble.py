@@ -40,7 +40,15 @@ def test_members_are_the_seed_replicas_and_the_ensemble_is_validated(trained):
     assert folder == trained_model_dir(cfg) and member_dirs(cfg) == [replica]
     assert result["ensemble_members"] == [str(folder), str(replica)] and (replica / "model.safetensors").exists()
     summary = json.loads((folder.parent / f"{folder.name}.metrics.json").read_text())
-    assert 0 <= summary["ensemble/valid/rec_ndcg@10"] <= 1 and "ensemble/valid/search_ndcg@10" in result
+    # the ensemble's valid numbers are those of the two members decoded as one, on the cases
+    # training selected checkpoints on
+    from gensar_core.model.ensemble import generative_ranker
+    from gensar_core.model.timeline_train import valid_cases, validate
+
+    again = validate(generative_ranker(cfg), valid_cases(cfg, cfg.train.max_valid_examples))
+    for task in ("rec", "search"):
+        key = f"valid/{task}_ndcg@10"
+        assert summary[f"ensemble/{key}"] == result[f"ensemble/{key}"] == pytest.approx(again[key], abs=1e-9)
 
 
 def test_evaluation_decodes_the_members_together_and_the_registry_keeps_them(trained):
@@ -87,7 +95,7 @@ def test_a_member_that_is_missing_or_speaks_another_vocabulary_is_named(trained,
     spec["model"]["vocab"]["zzz-not-in-the-ensemble"] = max(spec["model"]["vocab"].values()) + 1
     (other / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="other-seed"):
-        GenerativeRanker(result["model_dir"], ids, **ranker_settings(cfg), members=[other])
+        GenerativeRanker(result["model_dir"], ids, ranker_settings(cfg), members=[other])
     # the same vocabulary, but prompts written another way (no other-ID codes in the history)
     shutil.copytree(Path(result["model_dir"]).parent / (Path(result["model_dir"]).name + "__seed7"), other,
                     dirs_exist_ok=True)
@@ -95,6 +103,6 @@ def test_a_member_that_is_missing_or_speaks_another_vocabulary_is_named(trained,
     meta["history_ids"] = not meta["history_ids"]
     (other / "gensar_model.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="other-seed.*history_ids"):
-        GenerativeRanker(result["model_dir"], ids, **ranker_settings(cfg), members=[other])
+        GenerativeRanker(result["model_dir"], ids, ranker_settings(cfg), members=[other])
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        GenerativeRanker(result["model_dir"], ids, **ranker_settings(cfg), members=[tmp_path / "nowhere"])
+        GenerativeRanker(result["model_dir"], ids, ranker_settings(cfg), members=[tmp_path / "nowhere"])

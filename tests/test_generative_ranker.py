@@ -60,7 +60,7 @@ def test_ranker_gives_the_exact_ranking_and_its_metrics(trained):
     from gensar_core.evaluate.metrics import hit_rate_at_k, ndcg_at_k
 
     n_items = len(Warehouse(trained.warehouse).read("identifiers/items"))
-    cfg = with_overrides(trained, [f"evaluate.beam_size={n_items}", "evaluate.scoring=vocab",
+    cfg = with_overrides(trained, [f"evaluate.beam_size={n_items}", "evaluate.normalize=vocab",
                                    "evaluate.protocols=[full]", "evaluate.max_cases=12"])
     ranker = generative_rankers(cfg)["gensar"]
     ctx = EvalContext(cfg)
@@ -90,7 +90,7 @@ def test_search_with_the_rec_prior_ranks_by_both_log_probs(trained):
     from gensar_core.config import with_overrides
 
     n_items = len(Warehouse(trained.warehouse).read("identifiers/items"))
-    cfg = with_overrides(trained, [f"evaluate.beam_size={n_items}", "evaluate.scoring=vocab",
+    cfg = with_overrides(trained, [f"evaluate.beam_size={n_items}", "evaluate.normalize=vocab",
                                    "evaluate.search_rec_weight=0.5"])
     ranker = generative_rankers(cfg)["gensar"]
     assert ranker.search_rec_weight == 0.5 and "search + 0.5 x rec" in ranker.description
@@ -116,7 +116,7 @@ def test_candidates_in_batches_rank_as_a_trie_of_each_cases_candidates(trained, 
     of the candidates alone would normalise over their codes only)."""
     from gensar_core.config import with_overrides
 
-    ranker = generative_rankers(with_overrides(trained, [f"evaluate.scoring={scoring}"]))["gensar"]
+    ranker = generative_rankers(with_overrides(trained, [f"evaluate.normalize={scoring}"]))["gensar"]
     rng = np.random.default_rng(0)
     for task in ("rec", "search"):
         cases = EvalContext(trained).cases("test", task).head(8).reset_index(drop=True)
@@ -181,8 +181,8 @@ def test_tiger_style_variant_in_the_same_report(toy_model, tmp_path):
     assert {"gensar", "tiger-style"} <= set(result["methods"])
 
 
-def test_scoring_setting_reaches_the_decoder(trained):
-    """`evaluate.scoring` picks the decoder's softmax: the prefix-renormalised log-probs are never
+def test_normalize_setting_reaches_the_decoder(trained):
+    """`evaluate.normalize` picks the decoder's softmax: the prefix-renormalised log-probs are never
     below the full-vocabulary ones of the same items (they divide by less mass)."""
     from gensar_core.config import with_overrides
 
@@ -190,11 +190,22 @@ def test_scoring_setting_reaches_the_decoder(trained):
     cases = ctx.cases("test", "rec").head(4)
     scores = {}
     for scoring in ("prefix", "vocab"):
-        ranker = generative_rankers(with_overrides(trained, [f"evaluate.scoring={scoring}"]))["gensar"]
-        assert ranker.scoring == scoring
+        ranker = generative_rankers(with_overrides(trained, [f"evaluate.normalize={scoring}"]))["gensar"]
+        assert ranker.normalize == scoring
         items, sc = ranker.decode(ranker.view_prompts(cases, "rec"), "rec", beam=5, top_k=5)
         scores[scoring] = {(row, item): score for row in range(len(items))
                            for item, score in zip(items[row].tolist(), sc[row].tolist())}
         assert (sc <= 1e-6).all()
     common = set(scores["prefix"]) & set(scores["vocab"])
     assert common and all(scores["prefix"][i] >= scores["vocab"][i] - 1e-5 for i in common)
+
+
+def test_decode_settings_round_trip_as_json_and_read_what_older_models_saved():
+    import json
+
+    from gensar_core.model.generative_ranker import DecodeSettings
+
+    settings = DecodeSettings(beam_size=40, normalize="level", search_rec_weight=0.5, extra_prompt_tokens=(128, 512))
+    assert DecodeSettings.from_json(json.loads(json.dumps(settings.to_json()))) == settings
+    older = {k: v for k, v in settings.to_json().items() if k != "normalize"} | {"scoring": "prefix"}
+    assert DecodeSettings.from_json(older) == DecodeSettings(**{**settings.__dict__, "normalize": "prefix"})

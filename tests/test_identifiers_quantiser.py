@@ -13,7 +13,7 @@ from gensar_core.config import IdentifierConfig
 from gensar_core.identifiers import (
     DualQuantiser, PlainResidualQuantiser, QuantiserSpec, load_quantiser, save_quantiser, train_quantiser)
 from gensar_core.identifiers.kmeans import kmeans
-from gensar_core.identifiers.quantiser import collision_rate
+from gensar_core.identifiers.quantiser import collision_rate, nearest_code
 
 
 
@@ -78,14 +78,37 @@ def test_forward_shapes_and_straight_through_gradients():
     assert int(sem_codes.max()) < CFG.codebook_size and int(sem_codes.min()) >= 0
 
 
+def centroid_residual(stack, x: torch.Tensor) -> torch.Tensor:
+    """Checks that each code of each level sits at the centroid of the residuals nearest to it
+    (a fixed point of Lloyd's iteration) and every code has some; returns the final residual."""
+    residual = x
+    for cb in stack.codebooks:
+        assign = nearest_code(residual, cb)
+        assert torch.unique(assign).tolist() == list(range(cb.shape[0]))
+        for code in range(cb.shape[0]):
+            torch.testing.assert_close(cb[code], residual[assign == code].mean(0), atol=1e-5, rtol=1e-4)
+        residual = residual - cb[assign]
+    return residual
+
+
 def test_codebooks_are_kmeans_initialised():
+    """Every code starts at a k-means centroid of the encoded batch, level after level, on the
+    residual the levels above leave (shared levels on the joint latent, then each modality's)."""
     sem, col = clustered(n=200)
     model = small_model()
     model.fit_scales(sem, col)
-    model.init_codebooks(sem, col, iters=5)
-    for stack in (model.shared, model.semantic, model.collaborative):
-        for cb in stack.codebooks:
-            assert cb.abs().sum() > 0 and torch.unique(cb, dim=0).shape[0] == CFG.codebook_size
+    model.init_codebooks(sem, col, iters=100)
+    half = model.spec.latent_dim
+    with torch.no_grad():
+        shared = centroid_residual(model.shared, model.encode(sem, col))
+        centroid_residual(model.semantic, shared[:, :half])
+        centroid_residual(model.collaborative, shared[:, half:])
+    # a random start is no such fixed point
+    random = small_model(seed=3)
+    for cb in random.shared.codebooks:
+        torch.nn.init.normal_(cb)
+    with pytest.raises(AssertionError):
+        centroid_residual(random.shared, random.encode(sem, col).detach())
 
 
 def test_training_reduces_reconstruction_loss(trained):
@@ -145,7 +168,13 @@ def test_plain_quantiser_trains_with_the_same_loop():
     assert result.history[-1]["recon_loss"] < result.history[0]["recon_loss"]
     (codes,) = plain.id_codes(sem, col)
     assert codes.shape == (200, 4)
-    assert 0.0 <= collision_rate(codes) < 1.0
+    assert codes.dtype == torch.int64 and int(codes.min()) >= 0 and int(codes.max()) < 8  # a code of each level
+
+
+def test_collision_rate_is_the_share_of_items_whose_path_another_item_already_has():
+    codes = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0], [2, 2]])
+    assert collision_rate(codes) == pytest.approx(2 / 5)  # 5 items, 3 distinct paths
+    assert collision_rate(np.array([[0, 0], [0, 1]])) == 0.0
 
 
 def test_dead_codes_are_restarted_from_residuals_after_patience_epochs():

@@ -21,7 +21,8 @@ COL = re.compile(r"^<rec_item><a_\d+><b_\d+><c_\d+><d_\d+>$")
 
 
 def make_cfg(wh, **sections) -> PipelineConfig:
-    tree = {"warehouse": str(wh), "identifiers": {"codebook_size": 8}}
+    """A config of the prompted recipe, the formulation that reads the corpus."""
+    tree = {"warehouse": str(wh), "identifiers": {"codebook_size": 8}, "model": {"formulation": "prompted"}}
     tree.update(sections)
     return PipelineConfig.model_validate(tree)
 

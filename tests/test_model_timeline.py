@@ -156,12 +156,12 @@ def test_loss_weights_cover_the_supervised_kinds_and_vanish_when_equal():
     from gensar_core.config import TimelineModelConfig
     from gensar_core.model.timeline_train import kind_loss_weights
 
-    tcfg = TimelineModelConfig()
+    timeline_cfg = TimelineModelConfig()
     joint = SimpleNamespace(kinds=(REC_ID, QUERY, SEARCH_ID), adhoc=[])
-    assert kind_loss_weights(joint, tcfg).tolist() == [0.0, 1.0, 0.5, 2.0]  # GIVEN, rec, query, search
-    assert kind_loss_weights(SimpleNamespace(kinds=(REC_ID,), adhoc=[]), tcfg) is None
+    assert kind_loss_weights(joint, timeline_cfg).tolist() == [0.0, 1.0, 0.5, 2.0]  # GIVEN, rec, query, search
+    assert kind_loss_weights(SimpleNamespace(kinds=(REC_ID,), adhoc=[]), timeline_cfg) is None
     rec_and_adhoc = SimpleNamespace(kinds=(REC_ID,), adhoc=[("i1", "drama")])
-    assert kind_loss_weights(rec_and_adhoc, tcfg).tolist() == [0.0, 1.0, 0.5, 2.0]
+    assert kind_loss_weights(rec_and_adhoc, timeline_cfg).tolist() == [0.0, 1.0, 0.5, 2.0]
 
 
 @pytest.mark.parametrize("ema,history_ids", [(0.99, True), (None, False)])
@@ -198,20 +198,20 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     assert result["steps"] == result["total_steps"] and result["train/supervised_tokens_per_s"] > 0
     assert {"valid/rec_ndcg@10", "valid/search_ndcg@10"} <= set(best)
     ids = Warehouse(root).read("identifiers/items")
-    ranker = GenerativeRanker(folder, ids, **ranker_settings(cfg))
+    ranker = GenerativeRanker(folder, ids, ranker_settings(cfg))
     assert ranker.timeline is not None and ranker.max_input == 64
     assert ranker.timeline.history_ids == history_ids
     # model.timeline.prompt_tokens: prompts keep the last events that fit in fewer tokens
-    short = GenerativeRanker(folder, ids, **ranker_settings(with_overrides(cfg, ["model.timeline.prompt_tokens=24"])))
+    short = GenerativeRanker(folder, ids, ranker_settings(with_overrides(cfg, ["model.timeline.prompt_tokens=24"])))
     ctx = EvalContext(cfg)
     rec_cases = ctx.cases("test", "rec")
     widths = [short.encode(short.prompts(rec_cases, "rec"))[0].shape[1], ranker.encode(ranker.prompts(rec_cases, "rec"))[0].shape[1]]
     assert short.max_input == 24 and widths[0] <= 24 < widths[1] <= 64
     # model.timeline.extra_prompt_tokens: each model also reads the prompts cut to other lengths
-    viewed = GenerativeRanker(folder, ids, **ranker_settings(with_overrides(
+    viewed = GenerativeRanker(folder, ids, ranker_settings(with_overrides(
         cfg, ["model.timeline.extra_prompt_tokens=[24, 64, 100]"])))
     assert viewed.views == (64, 24) and "2 prompt lengths" in viewed.description
-    assert ranker_settings(cfg, validation=True)["extra_prompt_tokens"] == []
+    assert ranker_settings(cfg, validation=True).extra_prompt_tokens == ()
     for task in ("rec", "search"):
         cases = ctx.cases("test", task)
         for model in (ranker, viewed):  # search with the rec prior (the default) too
@@ -222,7 +222,7 @@ def test_training_keeps_the_best_validation_checkpoint_and_the_ranker_reads_whol
     # the best weights are the ones saved: validating the saved model again gives its number
     from gensar_core.model.timeline_train import valid_cases, validate
 
-    again = validate(GenerativeRanker(folder, ids, **ranker_settings(cfg, validation=True)), valid_cases(cfg, None))
+    again = validate(GenerativeRanker(folder, ids, ranker_settings(cfg, validation=True)), valid_cases(cfg, None))
     assert abs(again[key] - result["best_metric"]) < 1e-6
 
 

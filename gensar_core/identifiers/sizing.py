@@ -5,7 +5,7 @@ Rule: codes per level = the largest power of two not above sqrt(N) for N items, 
 K^2 <= N prefixes (a shared prefix is a small cluster of similar items, so every shared code
 is seen by many training examples) and the four tokens of an ID address K^4 >= N^2 / 16
 items, room to spare for the uniqueness rule and for cold-start items. ML-100K's 1,682 items
-get 32 (the README measured 1.7x / 1.9x NDCG@10 over the paper's 256 on this catalogue), a
+get 32 (docs/experiments.md: 1.7x / 1.9x NDCG@10 over the paper's 256 on this catalogue), a
 250-item catalogue 8 (16 would leave every shared prefix nearly empty), 60,000 items 128 and
 65,536 or more items the paper's 256.
 

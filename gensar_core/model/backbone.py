@@ -64,21 +64,21 @@ class Backbone:
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
 
-def backbone_label(mcfg: ModelConfig) -> str:
-    if mcfg.formulation == "timeline":
+def backbone_label(model_cfg: ModelConfig) -> str:
+    if model_cfg.formulation == "timeline":
         return "timeline-llama"
-    pcfg = mcfg.prompted
-    if pcfg.backbone == "t5-scratch":
+    prompted_cfg = model_cfg.prompted
+    if prompted_cfg.backbone == "t5-scratch":
         label = "t5-scratch"
-    elif pcfg.backbone == "smollm2":
+    elif prompted_cfg.backbone == "smollm2":
         label = "smollm2-135m"
     else:
-        label = Path(pcfg.path).name or "local"
-    return label + ("-lora" if pcfg.lora.enabled else "")
+        label = Path(prompted_cfg.path).name or "local"
+    return label + ("-lora" if prompted_cfg.lora.enabled else "")
 
 
-def models_cache(pcfg: PromptedModelConfig) -> Path:
-    return Path(pcfg.cache_dir) if pcfg.cache_dir is not None else gensar_home() / "models"
+def models_cache(prompted_cfg: PromptedModelConfig) -> Path:
+    return Path(prompted_cfg.cache_dir) if prompted_cfg.cache_dir is not None else gensar_home() / "models"
 
 
 # ---------------------------------------------------------------- SmolLM2 (GGUF -> safetensors, once)
@@ -223,23 +223,23 @@ def load_backbone(cfg: PipelineConfig, corpus_texts: Optional[Iterable[str]] = N
     `corpus_texts` feeds the scratch tokenizer; `tokenizer` (e.g. one saved in a checkpoint)
     is used as is instead of building or loading one.
     """
-    mcfg = cfg.model.prompted
+    prompted_cfg = cfg.model.prompted
     seed = cfg.seed if seed is None else seed
     tokens = added_tokens(cfg)
-    if mcfg.backbone == "t5-scratch":
+    if prompted_cfg.backbone == "t5-scratch":
         if tokenizer is None:
             if corpus_texts is None:
                 raise ValueError("the scratch T5 needs the corpus text to build its tokenizer")
-            tokenizer = build_scratch_tokenizer(corpus_texts, mcfg.scratch.tokenizer_vocab_size, tokens)
-        model, kind, source = scratch_t5(tokenizer, mcfg.scratch, seed), "seq2seq", {
-            "backbone": "t5-scratch", **mcfg.scratch.model_dump()}
+            tokenizer = build_scratch_tokenizer(corpus_texts, prompted_cfg.scratch.tokenizer_vocab_size, tokens)
+        model, kind, source = scratch_t5(tokenizer, prompted_cfg.scratch, seed), "seq2seq", {
+            "backbone": "t5-scratch", **prompted_cfg.scratch.model_dump()}
     else:
-        path = convert_smollm2(models_cache(mcfg)) if mcfg.backbone == "smollm2" else Path(mcfg.path)
+        path = convert_smollm2(models_cache(prompted_cfg)) if prompted_cfg.backbone == "smollm2" else Path(prompted_cfg.path)
         model, tokenizer, kind = load_hf(path, tokens, seed, tokenizer)
-        source = {"backbone": mcfg.backbone, "path": str(path)}
+        source = {"backbone": prompted_cfg.backbone, "path": str(path)}
     new_ids = tokenizer.convert_tokens_to_ids(tokens)
-    if mcfg.lora.enabled:
-        model = apply_lora(model, kind, mcfg.lora, new_ids)
+    if prompted_cfg.lora.enabled:
+        model = apply_lora(model, kind, prompted_cfg.lora, new_ids)
     return Backbone(model=model, tokenizer=tokenizer, kind=kind, label=backbone_label(cfg.model),
                     source=source, new_token_ids=new_ids)
 

@@ -53,7 +53,7 @@ def generative_ranker(cfg: PipelineConfig, name: str = "gensar", train_args: Opt
         raise FileNotFoundError(f"{name}: no trained model at {model_dir}: {how}")
     tasks = [t for t in ("rec", "search") if t in enabled_tasks(cfg.corpus)]
     identifiers = apply_id_scheme(Warehouse(cfg.warehouse).read("identifiers/items"), cfg.corpus.id_scheme)
-    return GenerativeRanker(model_dir, identifiers, **ranker_settings(cfg), tasks=tasks, name=name,
+    return GenerativeRanker(model_dir, identifiers, ranker_settings(cfg), tasks=tasks, name=name,
                             members=member_dirs(cfg))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -43,41 +44,67 @@ log = logging.getLogger(__name__)
 TARGET_ID = {"rec": ("collaborative_id", REC_ITEM), "search": ("semantic_id", SRC_ITEM)}
 
 
-def ranker_settings(cfg, validation: bool = False) -> dict:
-    """The decoding settings of a config, as GenerativeRanker keyword arguments (also saved with a
-    registered model, so serving decodes the way evaluation did). `validation`: those in-training
-    validation decodes with, one prompt length and no rec prior on search (each checkpoint is
-    chosen as before these ranking options existed, and validation stays fast)."""
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How a GenerativeRanker decodes: built from a config by `ranker_settings`, and saved as JSON
+    with a registered model, so batch scoring and serving decode the way evaluation did."""
+
+    beam_size: int
+    normalize: str                 # what each step's softmax runs over: prefix, level or vocab (model/decode.py)
+    search_rec_weight: float = 0.0  # the recommendation head as a prior on search (0: off)
+    max_rec_history: int = 5        # history events of each behaviour a prompt is written from
+    max_search_history: int = 5
+    max_input_length: int = 192     # prompt tokens (a timeline model: its window)
+    prompt_tokens: Optional[int] = None      # a timeline model's prompt length (None: its window)
+    extra_prompt_tokens: tuple[int, ...] = ()  # more prompt lengths each model also reads
+    batch_size: int = 16            # cases decoded at once
+
+    @classmethod
+    def from_json(cls, payload: dict) -> "DecodeSettings":
+        """Settings a registered model saved (`scoring` is what models registered before
+        2026-12-08 called `normalize`)."""
+        payload = dict(payload)
+        if "scoring" in payload:
+            payload["normalize"] = payload.pop("scoring")
+        return cls(**{**payload, "extra_prompt_tokens": tuple(payload.get("extra_prompt_tokens", ()))})
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "extra_prompt_tokens": list(self.extra_prompt_tokens)}
+
+
+def ranker_settings(cfg, validation: bool = False) -> DecodeSettings:
+    """The decoding settings of a config. `validation`: those in-training validation decodes with,
+    one prompt length and no rec prior on search (each checkpoint is chosen as before these
+    ranking options existed, and validation stays fast)."""
     both = {"rec", "search"} <= set(enabled_tasks(cfg.corpus))
-    settings = {"beam_size": cfg.evaluate.beam_size, "scoring": cfg.evaluate.scoring,
+    settings = {"beam_size": cfg.evaluate.beam_size, "normalize": cfg.evaluate.normalize,
                 "search_rec_weight": cfg.evaluate.search_rec_weight if both and not validation else 0.0}
     if cfg.model.formulation == "timeline":
         # the whole history: batch scoring and serving pass this many events of each behaviour,
         # the prompt keeps the most recent ones that fit in the window
         longest = cfg.model.timeline.max_len
-        return {**settings, "max_rec_history": longest, "max_search_history": longest, "max_input_length": longest,
-                "prompt_tokens": cfg.model.timeline.prompt_tokens,
-                "extra_prompt_tokens": [] if validation else list(cfg.model.timeline.extra_prompt_tokens)}
-    return {**settings, "max_rec_history": cfg.corpus.max_rec_history,
-            "max_search_history": cfg.corpus.max_search_history,
-            "max_input_length": cfg.model.prompted.max_input_length}
+        return DecodeSettings(**settings, max_rec_history=longest, max_search_history=longest,
+                              max_input_length=longest, prompt_tokens=cfg.model.timeline.prompt_tokens,
+                              extra_prompt_tokens=() if validation else tuple(cfg.model.timeline.extra_prompt_tokens))
+    return DecodeSettings(**settings, max_rec_history=cfg.corpus.max_rec_history,
+                          max_search_history=cfg.corpus.max_search_history,
+                          max_input_length=cfg.model.prompted.max_input_length)
 
 
 class GenerativeRanker:
-    """Ranks items for 'rec' and 'search' cases with a model folder written by `run_train`."""
+    """Ranks items for 'rec' and 'search' cases with a model folder written by a training."""
 
-    def __init__(self, model_dir: str | Path | Backbone, identifiers: pd.DataFrame, *, beam_size: int,
-                 scoring: str, batch_size: int = 16, max_rec_history: int = 5, max_search_history: int = 5,
-                 max_input_length: int = 192, device: Optional[str] = None, name: str = "gensar",
-                 tasks: Sequence[str] = ("rec", "search"), prompt_tokens: Optional[int] = None,
-                 extra_prompt_tokens: Sequence[int] = (), search_rec_weight: float = 0.0,
-                 members: Sequence[str | Path] = ()):
+    def __init__(self, model_dir: str | Path | Backbone, identifiers: pd.DataFrame, settings: DecodeSettings, *,
+                 tasks: Sequence[str] = ("rec", "search"), name: str = "gensar", members: Sequence[str | Path] = (),
+                 device: Optional[str] = None):
         # a model folder, or a Backbone in memory (validation during training)
         self.backbone = model_dir if isinstance(model_dir, Backbone) else load_trained(model_dir, device=device)
         self.model, self.tokenizer, self.kind = self.backbone.model, self.backbone.tokenizer, self.backbone.kind
         self.device = next(self.model.parameters()).device
-        self.beam_size, self.scoring, self.batch_size = beam_size, scoring, batch_size
-        self.max_rec, self.max_search, self.max_input = max_rec_history, max_search_history, max_input_length
+        self.settings = settings
+        self.beam_size, self.normalize, self.batch_size = settings.beam_size, settings.normalize, settings.batch_size
+        self.max_rec, self.max_search = settings.max_rec_history, settings.max_search_history
+        self.max_input = settings.max_input_length
         self.name, self.tasks = name, tuple(tasks)
         label = self.backbone.label if isinstance(model_dir, Backbone) else Path(model_dir).name
         ids = identifiers.sort_values("item_idx").reset_index(drop=True)
@@ -86,7 +113,7 @@ class GenerativeRanker:
         # what the decoder runs: the model and its ensemble members
         self.models = [self.model, *(self.member(folder, device) for folder in members)]
         # the recommendation head as a prior on search needs a model trained for both
-        self.search_rec_weight = search_rec_weight if {"rec", "search"} <= set(self.tasks) else 0.0
+        self.search_rec_weight = settings.search_rec_weight if {"rec", "search"} <= set(self.tasks) else 0.0
         # a timeline model (model/timeline.py) reads the whole history, up to its window length
         # (or the shorter `prompt_tokens`)
         self.timeline = None
@@ -94,15 +121,15 @@ class GenerativeRanker:
             self.timeline = TimelineCodec.of(self.tokenizer, self.item_ids,
                                              bool(self.backbone.source.get("history_ids", False)))
             window = int(self.backbone.source["max_len"])
-            self.max_input = min(prompt_tokens or window, window)
+            self.max_input = min(settings.prompt_tokens or window, window)
         # the prompt lengths each model reads (a prompted model's history is fixed: one)
         self.views = (self.max_input,) if self.timeline is None else tuple(
-            dict.fromkeys([self.max_input, *(min(n, window) for n in extra_prompt_tokens)]))
+            dict.fromkeys([self.max_input, *(min(n, window) for n in settings.extra_prompt_tokens)]))
         ensemble = f", ensemble of {len(self.models)} models" if len(self.models) > 1 else ""
         views = f" x {len(self.views)} prompt lengths {list(self.views)}" if len(self.views) > 1 else ""
         prior = f", search + {self.search_rec_weight:g} x rec log-prob" if self.search_rec_weight else ""
-        self.description = (f"generative model {label}{ensemble}{views}, constrained beam {beam_size}, "
-                            f"{scoring} scoring{prior}")
+        self.description = (f"generative model {label}{ensemble}{views}, constrained beam {self.beam_size}, "
+                            f"{self.normalize} normalisation{prior}")
         self.sequences, self.index, self.prefix = {}, {}, {}
         for task, (column, behaviour) in TARGET_ID.items():
             full = PrefixIndex.from_identifiers(ids[column].tolist(), self.tokenizer, item_ids=self.item_idx)
@@ -190,7 +217,7 @@ class GenerativeRanker:
             ban = None if banned is None else list(banned[start:start + self.batch_size])
             it, sc = constrained_beam_search(self.models * len(inputs), input_ids, masks, index, beam_size=beam,
                                              top_k=top_k, prefix_tokens=self.prefix[task],
-                                             normalize=self.scoring, banned=ban)
+                                             normalize=self.normalize, banned=ban)
             items.append(it.cpu().numpy())
             scores.append(sc.float().cpu().numpy())
         return np.concatenate(items), np.concatenate(scores)
@@ -233,7 +260,7 @@ class GenerativeRanker:
             raise NotImplementedError(f"{self.name} is not trained for {task}")
         if candidates is None:
             return [items.astype(np.int64) for items, _ in self.top_k_unseen(cases, task, k)]
-        if self.scoring != "prefix":
+        if self.normalize != "prefix":
             # the full trie with every other item banned, the cases in batches (a trie per case
             # decodes one case at a time): `vocab` scores are the same as over a trie of the
             # candidates, `level` normalises over the catalogue's codebook, as in full ranking

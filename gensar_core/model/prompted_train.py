@@ -64,8 +64,8 @@ from gensar_core.model.corpus import enabled_tasks, read_corpus
 from gensar_core.model.data import Encoded, collate, encode_examples, n_target_tokens
 from gensar_core.model.distributed import Dist, dist_setup
 from gensar_core.model.runs import run_name, run_slug, train_seed
-from gensar_core.model.training import (BestCheckpoint, amp_dtype, autocast, grad_scaler, lr_at, save_model_folder,
-                                        training_run)
+from gensar_core.model.training import (BestCheckpoint, amp_dtype, autocast, clip_and_step, grad_scaler, lr_at,
+                                        save_model_folder, training_run)
 from gensar_core.storage import Warehouse, atomic_dir
 
 log = logging.getLogger(__name__)
@@ -149,20 +149,49 @@ def epoch_order(task_index: dict[str, np.ndarray], weights: dict[str, float], se
 
 
 @dataclass
+class EncodedCorpus:
+    train: Encoded
+    valid: Encoded
+    task_index: dict[str, np.ndarray]  # each task's train examples
+    weights: dict[str, float]          # each task's examples an epoch, as a multiple of its size
+    lengths: np.ndarray                # tokens each train example costs: encoder + decoder, or the sequence
+    n_targets: np.ndarray              # supervised tokens of each train example
+
+
+def encode_corpus(cfg: PipelineConfig, tokenizer, kind: str, train_df: pd.DataFrame, valid_df: pd.DataFrame,
+                  tasks: Sequence[str]) -> EncodedCorpus:
+    """The examples as token ids, with what the epoch mix and the step's loss weighting need."""
+    prompted_cfg = cfg.model.prompted
+
+    def encode(df: pd.DataFrame) -> Encoded:
+        return encode_examples(tokenizer, kind, df["input_text"].tolist(), df["target_text"].tolist(),
+                               prompted_cfg.max_input_length, prompted_cfg.max_target_length)
+
+    train = encode(train_df)
+    task_index = {t: np.flatnonzero(train_df["task"].to_numpy() == t) for t in tasks}
+    lengths = np.array([len(x) for x in train.input_ids], dtype=np.int64)
+    if kind == "seq2seq":
+        lengths += np.array([len(x) for x in train.labels], dtype=np.int64)
+    return EncodedCorpus(train, encode(valid_df), {t: i for t, i in task_index.items() if len(i)},
+                         {t: getattr(cfg.corpus.tasks, t).weight for t in tasks}, lengths,
+                         np.array([int((x != -100).sum()) for x in train.labels], dtype=np.int64))
+
+
+@dataclass
 class StepPlan:
     micro_per_epoch: int          # micro-batches of this rank each epoch
     steps_per_epoch: int
     total_steps: int
 
 
-def plan_steps(examples_per_epoch: int, pcfg, tcfg, world: int) -> StepPlan:
+def plan_steps(examples_per_epoch: int, prompted_cfg, train_cfg, world: int) -> StepPlan:
     """How many micro-batches and optimizer steps an epoch and the whole training take."""
-    micro = math.ceil(examples_per_epoch / pcfg.batch_size) // world
+    micro = math.ceil(examples_per_epoch / prompted_cfg.batch_size) // world
     if micro == 0:
-        raise ValueError(f"{examples_per_epoch} examples per epoch make no batch of {pcfg.batch_size} on {world} ranks")
-    per_epoch = math.ceil(micro / pcfg.grad_accum)
-    total = per_epoch * tcfg.epochs
-    return StepPlan(micro, per_epoch, min(total, tcfg.max_steps) if tcfg.max_steps else total)
+        raise ValueError(f"{examples_per_epoch} examples per epoch make no batch of {prompted_cfg.batch_size} on {world} ranks")
+    per_epoch = math.ceil(micro / prompted_cfg.grad_accum)
+    total = per_epoch * train_cfg.epochs
+    return StepPlan(micro, per_epoch, min(total, train_cfg.max_steps) if train_cfg.max_steps else total)
 
 
 def _load_evaluator(spec: str) -> Evaluator:
@@ -173,10 +202,10 @@ def _load_evaluator(spec: str) -> Evaluator:
 
 
 def train_fingerprint(cfg: PipelineConfig, corpus_hash: str) -> str:
-    tcfg = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NO_EFFECT}
+    train_settings = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NO_EFFECT}
     model = cfg.model.model_dump(mode="json")
     model["prompted"] = {k: v for k, v in model["prompted"].items() if k not in _NO_EFFECT_PROMPTED}
-    blob = json.dumps({"train": tcfg, "model": model,
+    blob = json.dumps({"train": train_settings, "model": model,
                        "corpus": cfg.corpus.model_dump(mode="json"), "corpus_hash": corpus_hash,
                        "identifiers": cfg.identifiers.model_dump(mode="json"), "seed": cfg.seed},
                       sort_keys=True, default=str)
@@ -291,13 +320,13 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
               callbacks: Sequence[Callback] = ()) -> dict:
     """corpus -> models/<run>/ (weights + tokenizer + gensar_model.json), logged to MLflow."""
     t_start = time.perf_counter()
-    tcfg, pcfg = cfg.train, cfg.model.prompted
+    train_cfg, prompted_cfg = cfg.train, cfg.model.prompted
     seed = train_seed(cfg)
-    if tcfg.num_threads:
-        torch.set_num_threads(tcfg.num_threads)
-    dist = dist_setup(tcfg.device)
-    device = pick_device(tcfg.device, dist.local_rank)
-    evaluators = list(evaluators) + [_load_evaluator(s) for s in pcfg.evaluators]
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    dist = dist_setup(train_cfg.device)
+    device = pick_device(train_cfg.device, dist.local_rank)
+    evaluators = list(evaluators) + [_load_evaluator(s) for s in prompted_cfg.evaluators]
     track = dist.main and cfg.tracking.enabled  # rank 0 alone talks to MLflow
 
     # ---- data; is there a checkpoint of this config to resume?
@@ -307,42 +336,32 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
     wh = Warehouse(cfg.warehouse)
     name = run_name(cfg, tasks, backbone_label(cfg.model))
     ckpt_root = wh.path("checkpoints", run_slug(name))
-    last = resume_point(ckpt_root, fingerprint, pcfg.resume, dist)
+    last = resume_point(ckpt_root, fingerprint, prompted_cfg.resume, dist)
 
     # ---- model and encoded examples
 
     saved_tokenizer = AutoTokenizer.from_pretrained(str(last / "tokenizer")) if last is not None else None
-    texts = pd.concat([train_df["input_text"], train_df["target_text"]]) if pcfg.backbone == "t5-scratch" else None
+    texts = pd.concat([train_df["input_text"], train_df["target_text"]]) if prompted_cfg.backbone == "t5-scratch" else None
     backbone = load_backbone(cfg, corpus_texts=texts, tokenizer=saved_tokenizer, seed=seed)
     tokenizer, kind = backbone.tokenizer, backbone.kind
     pad_id = tokenizer.pad_token_id
     model = backbone.model.to(device)
     model.train()
-    enc_train = encode_examples(tokenizer, kind, train_df["input_text"].tolist(), train_df["target_text"].tolist(),
-                                pcfg.max_input_length, pcfg.max_target_length)
-    enc_valid = encode_examples(tokenizer, kind, valid_df["input_text"].tolist(), valid_df["target_text"].tolist(),
-                                pcfg.max_input_length, pcfg.max_target_length)
-    task_index = {t: np.flatnonzero(train_df["task"].to_numpy() == t) for t in tasks}
-    task_index = {t: i for t, i in task_index.items() if len(i)}
-    weights = {t: getattr(cfg.corpus.tasks, t).weight for t in tasks}
-    # tokens a step processes: encoder + decoder tokens (seq2seq) or sequence tokens (causal)
-    lengths = np.array([len(x) for x in enc_train.input_ids], dtype=np.int64)
-    if kind == "seq2seq":
-        lengths += np.array([len(x) for x in enc_train.labels], dtype=np.int64)
-    n_targets = np.array([int((x != -100).sum()) for x in enc_train.labels], dtype=np.int64)
+    data = encode_corpus(cfg, tokenizer, kind, train_df, valid_df, tasks)
+    enc_train, enc_valid, task_index, weights = data.train, data.valid, data.task_index, data.weights
 
     # ---- optimizer, schedule, precision; the state to start from
-    plan = plan_steps(len(epoch_order(task_index, weights, seed, 0)), pcfg, tcfg, dist.world)
+    plan = plan_steps(len(epoch_order(task_index, weights, seed, 0)), prompted_cfg, train_cfg, dist.world)
     total_steps = plan.total_steps
-    optimizer = torch.optim.AdamW(_param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(0.9, 0.98), eps=1e-8,
+    optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=(0.9, 0.98), eps=1e-8,
                                   fused=device.type == "cuda")
-    warmup = min(tcfg.warmup_steps, max(0, total_steps - 1))
-    dtype = amp_dtype(device, tcfg.mixed_precision)
+    warmup = min(train_cfg.warmup_steps, max(0, total_steps - 1))
+    dtype = amp_dtype(device, train_cfg.mixed_precision)
     amp = lambda: autocast(device, dtype)  # noqa: E731
     scaler = grad_scaler(dtype)
     torch.manual_seed(seed + dist.rank)
     state = TrainState(fingerprint=fingerprint,
-                       best=BestCheckpoint(str(ckpt_root / "best"), pcfg.metric_mode, tcfg.patience))
+                       best=BestCheckpoint(str(ckpt_root / "best"), prompted_cfg.metric_mode, train_cfg.patience))
     if last is not None:
         state = load_checkpoint(last, model, optimizer, scaler, device)
         log.info("resuming %s from %s (step %d)", name, last.name, state.step)
@@ -353,9 +372,9 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def validate() -> dict:
-        """The valid loss and the evaluators' numbers; the best weights kept by `pcfg.metric`."""
+        """The valid loss and the evaluators' numbers; the best weights kept by `prompted_cfg.metric`."""
         metrics = validation_loss(model, enc_valid, valid_df["task"].tolist(), pad_id, kind,
-                                  pcfg.batch_size, device, amp, dist) if len(valid_df) else {}
+                                  prompted_cfg.batch_size, device, amp, dist) if len(valid_df) else {}
         if evaluators and dist.main:
             model.eval()
             ctx = ValidationContext(model=model, tokenizer=tokenizer, kind=kind, cfg=cfg, step=state.step,
@@ -366,10 +385,10 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
         metrics = dist.broadcast(metrics)
         if not metrics:
             return metrics
-        if pcfg.metric not in metrics:
-            raise KeyError(f"model.prompted.metric {pcfg.metric!r} is not among the validation metrics "
+        if prompted_cfg.metric not in metrics:
+            raise KeyError(f"model.prompted.metric {prompted_cfg.metric!r} is not among the validation metrics "
                            f"{sorted(metrics)}")
-        state.best.record(state.step, float(metrics[pcfg.metric]), model if dist.main else None)
+        state.best.record(state.step, float(metrics[prompted_cfg.metric]), model if dist.main else None)
         state.evals.append({"step": state.step, **{k: float(v) for k, v in metrics.items()}})
         if track:
             tracking.log_metrics({**metrics, "valid/best": state.best.best}, step=state.step)
@@ -379,7 +398,7 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
 
     def checkpoint() -> None:
         if dist.main:
-            save_checkpoint(ckpt_root, state, model, optimizer, scaler, tokenizer, pcfg.keep_checkpoints)
+            save_checkpoint(ckpt_root, state, model, optimizer, scaler, tokenizer, prompted_cfg.keep_checkpoints)
         dist.barrier()
         for cb in callbacks:
             cb("checkpoint", state)
@@ -402,39 +421,39 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
             if resumed_from is not None:
                 tracking.set_tags({"gensar.resumed_from_step": resumed_from})
         bar = tqdm(total=total_steps, initial=state.step, desc=f"train {name}",
-                   disable=not (tcfg.progress and dist.main), dynamic_ncols=True)
+                   disable=not (train_cfg.progress and dist.main), dynamic_ncols=True)
         window_loss, window_n, window_tok, window_t = 0.0, 0, 0, time.perf_counter()
         try:
             while state.step < total_steps and not state.stopped_early:
                 order = epoch_order(task_index, weights, seed, state.epoch)
-                micro = [order[i: i + pcfg.batch_size] for i in range(0, len(order), pcfg.batch_size)]
+                micro = [order[i: i + prompted_cfg.batch_size] for i in range(0, len(order), prompted_cfg.batch_size)]
                 micro = micro[dist.rank::dist.world][:plan.micro_per_epoch]
                 while state.micro < len(micro) and state.step < total_steps:
-                    group = micro[state.micro: state.micro + pcfg.grad_accum]
-                    lr = lr_at(state.step, total_steps, tcfg.lr, warmup, tcfg.schedule, tcfg.min_lr_ratio)
-                    step_loss = optimizer_step(ddp_model, model, optimizer, scaler, enc_train, group, n_targets,
-                                               pad_id, kind, device, amp, lr, tcfg.max_grad_norm, dist)
+                    group = micro[state.micro: state.micro + prompted_cfg.grad_accum]
+                    lr = lr_at(state.step, total_steps, train_cfg.lr, warmup, train_cfg.schedule, train_cfg.min_lr_ratio)
+                    step_loss = optimizer_step(ddp_model, model, optimizer, scaler, enc_train, group, data.n_targets,
+                                               pad_id, kind, device, amp, lr, train_cfg.max_grad_norm, dist)
                     state.micro += len(group)
                     state.step += 1
-                    step_tokens = int(sum(lengths[b].sum() for b in group)) * dist.world
+                    step_tokens = int(sum(data.lengths[b].sum() for b in group)) * dist.world
                     state.tokens += step_tokens
                     state.last_loss = step_loss
                     window_loss, window_n, window_tok = window_loss + step_loss, window_n + 1, window_tok + step_tokens
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.3f}", epoch=state.epoch)
-                    if track and (state.step % tcfg.log_every == 0 or state.step == total_steps):
+                    if track and (state.step % train_cfg.log_every == 0 or state.step == total_steps):
                         now = time.perf_counter()
                         tracking.log_metrics({"train/loss": window_loss / window_n, "train/lr": lr,
                                               "train/tokens_per_s": window_tok / max(1e-9, now - window_t),
                                               "train/epoch": state.epoch + state.micro / len(micro)}, step=state.step)
                         window_loss, window_n, window_tok, window_t = 0.0, 0, 0, now
                     epoch_done = state.micro >= len(micro)
-                    if (tcfg.eval_every and state.step % tcfg.eval_every == 0) or epoch_done \
+                    if (train_cfg.eval_every and state.step % train_cfg.eval_every == 0) or epoch_done \
                             or state.step == total_steps:
                         validate()
                     if epoch_done:
                         state.epoch, state.micro = state.epoch + 1, 0
-                    if state.step % pcfg.save_every == 0 or epoch_done or state.step == total_steps \
+                    if state.step % prompted_cfg.save_every == 0 or epoch_done or state.step == total_steps \
                             or state.stopped_early:
                         checkpoint()
                     for cb in callbacks:
@@ -452,7 +471,7 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
                 "world_size": dist.world, "steps": state.step, "total_steps": total_steps,
                 "epochs_done": state.epoch, "stopped_early": state.stopped_early,
                 "resumed_from_step": resumed_from, "train/final_loss": state.last_loss,
-                "best_metric": state.best.best, "best_step": state.best.best_step, "metric": pcfg.metric,
+                "best_metric": state.best.best, "best_step": state.best.best_step, "metric": prompted_cfg.metric,
                 "tokens": state.tokens, "train/tokens_per_s": (state.tokens - tokens_at_start) / max(1e-9, seconds),
                 "train_examples": len(train_df), "valid_examples": len(valid_df),
                 "loop_seconds": round(seconds, 2),
@@ -461,7 +480,7 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
                 result.update({k: v for k, v in state.evals[-1].items() if k.startswith("valid/")})
             if dist.main:
                 meta = {"run_name": name, "tasks": tasks, "identifiers": cfg.identifiers.model_dump(mode="json"),
-                        "max_input_length": pcfg.max_input_length, "max_target_length": pcfg.max_target_length,
+                        "max_input_length": prompted_cfg.max_input_length, "max_target_length": prompted_cfg.max_target_length,
                         "corpus_hash": manifest["content_hash"]}
                 final = {"final/steps": state.step, "final/tokens_per_s": result["train/tokens_per_s"],
                          **({"final/best_metric": state.best.best} if state.best.best is not None else {})}
@@ -493,14 +512,6 @@ def optimizer_step(ddp_model, model, optimizer, scaler, enc: Encoded, group: lis
             scaled = loss * (n / max(1, n_target))
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         step_loss += loss.detach().item() * n / max(1, n_target)
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    clip_and_step(model, optimizer, scaler, max_grad_norm)
     optimizer.zero_grad(set_to_none=True)
     return step_loss

@@ -47,8 +47,8 @@ from gensar_core.model.generative_ranker import GenerativeRanker, ranker_setting
 from gensar_core.model.runs import run_name, run_slug, train_seed
 from gensar_core.model.timeline import (SEARCH_ID, TimelineCodec, batches, build_tokenizer, collate_windows,
                                         kind_weights, supervised_kinds, training_windows)
-from gensar_core.model.training import (BestCheckpoint, amp_dtype, autocast, grad_scaler, lr_at, save_model_folder,
-                                        training_run)
+from gensar_core.model.training import (BestCheckpoint, amp_dtype, autocast, clip_and_step, grad_scaler, lr_at,
+                                        save_model_folder, training_run)
 from gensar_core.model.vocab import added_tokens
 from gensar_core.storage import Warehouse
 
@@ -75,14 +75,14 @@ def load_data(cfg: PipelineConfig) -> TimelineData:
     train = wh.read("splits/train")
     identifiers = apply_id_scheme(wh.read("identifiers/items"), cfg.corpus.id_scheme)
     item_ids = item_identifier_map(identifiers)
-    tcfg = cfg.model.timeline
+    timeline_cfg = cfg.model.timeline
     tokenizer = build_tokenizer(train.loc[train["behavior"] == "search", "query"], added_tokens(cfg))
-    codec = TimelineCodec.of(tokenizer, item_ids, tcfg.history_ids)
+    codec = TimelineCodec.of(tokenizer, item_ids, timeline_cfg.history_ids)
     events = list(user_events(train).values())
     timelines = [codec.timeline(user) for user in events]
     tasks = enabled_tasks(cfg.corpus)
     adhoc = []
-    if "adhoc" in tasks and tcfg.adhoc_per_item:
+    if "adhoc" in tasks and timeline_cfg.adhoc_per_item:
         items = wh.read("curated/items", ["item_id", "title", "text", "categories"])
         rng = np.random.default_rng([cfg.seed, 5])
         queries = pseudo_queries(items, train, cfg.corpus.max_pseudo_queries, rng)
@@ -93,30 +93,30 @@ def load_data(cfg: PipelineConfig) -> TimelineData:
     return TimelineData(tokenizer, codec, timelines, events, adhoc, identifiers, kinds)
 
 
-def epoch_windows(data: TimelineData, tcfg, rng: np.random.Generator) -> list:
-    """One epoch's training windows (`tcfg`: model.timeline): the timelines re-cut, then
+def epoch_windows(data: TimelineData, timeline_cfg, rng: np.random.Generator) -> list:
+    """One epoch's training windows (`timeline_cfg`: model.timeline): the timelines re-cut, then
     `adhoc_per_item` ad-hoc windows per item."""
-    windows = training_windows(data.timelines, tcfg.max_len, rng, data.kinds) if data.kinds else []
-    if data.adhoc and tcfg.adhoc_per_item:
+    windows = training_windows(data.timelines, timeline_cfg.max_len, rng, data.kinds) if data.kinds else []
+    if data.adhoc and timeline_cfg.adhoc_per_item:
         by_item: dict[str, list[str]] = {}
         for item, query in data.adhoc:
             by_item.setdefault(item, []).append(query)
         for item in sorted(by_item):
-            for q in rng.choice(by_item[item], size=tcfg.adhoc_per_item):
+            for q in rng.choice(by_item[item], size=timeline_cfg.adhoc_per_item):
                 windows.append(data.codec.adhoc(str(q), item))
     return windows
 
 
-def kind_loss_weights(data: TimelineData, tcfg) -> Optional[np.ndarray]:
+def kind_loss_weights(data: TimelineData, timeline_cfg) -> Optional[np.ndarray]:
     """`model.timeline.loss_weights` as collate_windows takes them, over the kinds this training
     supervises (ad-hoc windows supervise search IDs); None when those weigh the same."""
-    kinds = set(data.kinds) | ({SEARCH_ID} if data.adhoc and tcfg.adhoc_per_item else set())
-    return kind_weights(**tcfg.loss_weights.model_dump(), kinds=sorted(kinds))
+    kinds = set(data.kinds) | ({SEARCH_ID} if data.adhoc and timeline_cfg.adhoc_per_item else set())
+    return kind_weights(**timeline_cfg.loss_weights.model_dump(), kinds=sorted(kinds))
 
 
 # ---------------------------------------------------------------- model
-def build_model(tokenizer, mcfg, seed: int):
-    t = mcfg.timeline
+def build_model(tokenizer, model_cfg, seed: int):
+    t = model_cfg.timeline
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=t.d_model, intermediate_size=t.d_ff,
                          num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
                          num_key_value_heads=t.num_heads, max_position_embeddings=t.max_len + 8,
@@ -159,11 +159,11 @@ def init_id_embeddings(model, tokenizer, quantiser, seed: int) -> int:
     return rows
 
 
-def initial_model(tokenizer, mcfg, wh: Warehouse, seed: int):
+def initial_model(tokenizer, model_cfg, wh: Warehouse, seed: int):
     """The model training starts from: seeded, with the identifier embeddings taken from the
     warehouse's quantiser when `model.timeline.init_ids_from_codes`."""
-    model = build_model(tokenizer, mcfg, seed)
-    if mcfg.timeline.init_ids_from_codes:
+    model = build_model(tokenizer, model_cfg, seed)
+    if model_cfg.timeline.init_ids_from_codes:
         folder = wh.path("identifiers", "quantiser")
         if not folder.exists():
             raise FileNotFoundError(f"model.timeline.init_ids_from_codes needs the quantiser that learn_identifiers "
@@ -219,15 +219,7 @@ def train_step(model, optimizer, batch: dict, lr: float, max_grad_norm: Optional
             loss = torch.zeros(())
         all_reduce_grads(model)
         loss = torch.tensor(dist.sum([float(loss.detach())], batch["labels"].device)[0])
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    clip_and_step(model, optimizer, scaler, max_grad_norm)
     return float(loss.detach())
 
 
@@ -326,50 +318,50 @@ def log_step(progress: Progress, loss: float, lr: float) -> None:
 def planned_steps(cfg: PipelineConfig, data: TimelineData, seed: int, rng: np.random.Generator) -> tuple[int, int]:
     """(optimizer steps an epoch, steps in all): `train.epochs` of a first epoch's batches (cut
     with `seed`, batched with the training's `rng`), capped by `train.max_steps`."""
-    tcfg, t = cfg.train, cfg.model.timeline
+    train_cfg, t = cfg.train, cfg.model.timeline
     per_epoch = len(batches(epoch_windows(data, t, np.random.default_rng(seed)), t.tokens_per_batch, rng))
-    total = per_epoch * tcfg.epochs
-    return per_epoch, min(tcfg.max_steps, total) if tcfg.max_steps else total
+    total = per_epoch * train_cfg.epochs
+    return per_epoch, min(train_cfg.max_steps, total) if train_cfg.max_steps else total
 
 
 def run_train_timeline(cfg: PipelineConfig) -> dict:
     """splits + identifiers -> models/<run>/ (the best validation checkpoint), one MLflow run."""
     # ---- where, on what, with which seed
     t_start = time.perf_counter()
-    tcfg, mcfg = cfg.train, cfg.model
+    train_cfg, model_cfg = cfg.train, cfg.model
     seed = train_seed(cfg)
-    if tcfg.num_threads:
-        torch.set_num_threads(tcfg.num_threads)
-    dist = dist_setup(tcfg.device)  # under torchrun: this process's share of every batch
-    device = pick_device(tcfg.device, dist.local_rank)
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    dist = dist_setup(train_cfg.device)  # under torchrun: this process's share of every batch
+    device = pick_device(train_cfg.device, dist.local_rank)
     tasks = enabled_tasks(cfg.corpus)
-    name = run_name(cfg, tasks, backbone_label(mcfg))
+    name = run_name(cfg, tasks, backbone_label(model_cfg))
     wh = Warehouse(cfg.warehouse)
     track = cfg.tracking.enabled and dist.main  # rank 0 alone talks to MLflow
 
     # ---- data, model, and the ranker that validates it as evaluation will rank
     data = load_data(cfg)
-    model = initial_model(data.tokenizer, mcfg, wh, seed).to(device)
+    model = initial_model(data.tokenizer, model_cfg, wh, seed).to(device)
     model.train()
-    source = {"formulation": "timeline", "max_len": mcfg.timeline.max_len, **mcfg.timeline.model_dump()}
-    backbone = Backbone(model=model, tokenizer=data.tokenizer, kind="causal", label=backbone_label(mcfg),
+    source = {"formulation": "timeline", "max_len": model_cfg.timeline.max_len, **model_cfg.timeline.model_dump()}
+    backbone = Backbone(model=model, tokenizer=data.tokenizer, kind="causal", label=backbone_label(model_cfg),
                         source=source)
-    ranker = GenerativeRanker(backbone, data.identifiers, **ranker_settings(cfg, validation=True),
+    ranker = GenerativeRanker(backbone, data.identifiers, ranker_settings(cfg, validation=True),
                               tasks=[t for t in VALID_TASKS if t in tasks], name=name)
-    cases = valid_cases(cfg, tcfg.max_valid_examples) if dist.main else None
+    cases = valid_cases(cfg, train_cfg.max_valid_examples) if dist.main else None
 
     # ---- optimizer, schedule, precision, what is kept
     rng = np.random.default_rng(seed)
     steps_per_epoch, total = planned_steps(cfg, data, seed, rng)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
-    dtype = amp_dtype(device, tcfg.mixed_precision)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.98))
+    dtype = amp_dtype(device, train_cfg.mixed_precision)
     amp = lambda: autocast(device, dtype)  # noqa: E731
     scaler = grad_scaler(dtype)
     log.info("training on %s in %s", device, dtype or torch.float32)
-    eval_every = tcfg.eval_every or steps_per_epoch
-    loss_weights = kind_loss_weights(data, mcfg.timeline)
-    average = WeightAverage(model, mcfg.timeline.ema_decay) if mcfg.timeline.ema_decay else None
-    best = BestCheckpoint(str(wh.path("checkpoints", run_slug(name), "best")), "max", tcfg.patience)
+    eval_every = train_cfg.eval_every or steps_per_epoch
+    loss_weights = kind_loss_weights(data, model_cfg.timeline)
+    average = WeightAverage(model, model_cfg.timeline.ema_decay) if model_cfg.timeline.ema_decay else None
+    best = BestCheckpoint(str(wh.path("checkpoints", run_slug(name), "best")), "max", train_cfg.patience)
     progress = Progress()
 
     def evaluate_and_keep() -> None:
@@ -387,17 +379,17 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
     tags = {"gensar.backbone": backbone.label, "gensar.tasks": "+".join(tasks), "gensar.kind": "causal",
             "gensar.formulation": "timeline"}
     with training_run(cfg, name, tags, params) if track else contextlib.nullcontext() as run:
-        bar = tqdm(total=total, desc=f"train {name}", disable=not (tcfg.progress and dist.main), dynamic_ncols=True)
+        bar = tqdm(total=total, desc=f"train {name}", disable=not (train_cfg.progress and dist.main), dynamic_ncols=True)
         while progress.step < total and not best.stop:
-            windows = epoch_windows(data, mcfg.timeline, rng)
-            for index in batches(windows, mcfg.timeline.tokens_per_batch, rng):
+            windows = epoch_windows(data, model_cfg.timeline, rng)
+            for index in batches(windows, model_cfg.timeline.tokens_per_batch, rng):
                 # every process draws the same global batch and trains on its share of the windows
                 shard = index[dist.rank::dist.world]
                 batch = collate_windows(windows, shard, data.tokenizer.pad_token_id, loss_weights,
-                                        mcfg.timeline.pad_batch_shape)
+                                        model_cfg.timeline.pad_batch_shape)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                lr = lr_at(progress.step, total, tcfg.lr, tcfg.warmup_steps, tcfg.schedule, tcfg.min_lr_ratio)
-                loss = train_step(model, optimizer, batch, lr, tcfg.max_grad_norm, amp, dist, scaler)
+                lr = lr_at(progress.step, total, train_cfg.lr, train_cfg.warmup_steps, train_cfg.schedule, train_cfg.min_lr_ratio)
+                loss = train_step(model, optimizer, batch, lr, train_cfg.max_grad_norm, amp, dist, scaler)
                 if average:
                     average.update(model)
                 progress.step += 1
@@ -407,7 +399,7 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                 progress.tokens += int(tokens)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", epoch=progress.epoch)
-                if track and progress.step % tcfg.log_every == 0:
+                if track and progress.step % train_cfg.log_every == 0:
                     log_step(progress, loss, lr)
                 if progress.step % eval_every == 0 or progress.step == total:
                     evaluate_and_keep()
@@ -433,8 +425,8 @@ def run_train_timeline(cfg: PipelineConfig) -> dict:
                   "train/tokens_per_s": progress.tokens / max(1e-9, seconds),
                   "mlflow_run_id": run.info.run_id if track else None,
                   **{k: v for k, v in best_eval.items() if k.startswith("valid/")}}
-        meta = {"run_name": name, "tasks": tasks, "formulation": "timeline", "max_len": mcfg.timeline.max_len,
-                "history_ids": mcfg.timeline.history_ids, "identifiers": cfg.identifiers.model_dump(mode="json")}
+        meta = {"run_name": name, "tasks": tasks, "formulation": "timeline", "max_len": model_cfg.timeline.max_len,
+                "history_ids": model_cfg.timeline.history_ids, "identifiers": cfg.identifiers.model_dump(mode="json")}
         save_model_folder(cfg, out_dir, backbone, meta, {"evals": progress.evals, "losses": progress.losses},
                           result, track, {"final/steps": progress.step, "final/best_metric": best.best})
         dist.barrier()

@@ -75,6 +75,19 @@ def grad_scaler(dtype: Optional[torch.dtype]):
     return torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
+def clip_and_step(model: torch.nn.Module, optimizer, scaler, max_grad_norm: Optional[float]) -> None:
+    """The optimizer step once the gradients are in: unscaled (fp16), clipped to `max_grad_norm`."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 # ---------------------------------------------------------------- early stopping
 @dataclass
 class BestCheckpoint:
