@@ -64,7 +64,6 @@ class TimelineData:
     tokenizer: object
     codec: object
     timelines: list            # (ids, kinds, starts) per user
-    events: list               # the events each timeline is written from (dicts), per user
     adhoc: list                # (item_id, pseudo-query) pairs
     identifiers: pd.DataFrame  # with the id scheme applied
     kinds: tuple               # supervised token kinds
@@ -78,8 +77,7 @@ def load_data(cfg: PipelineConfig) -> TimelineData:
     timeline_cfg = cfg.model.timeline
     tokenizer = build_tokenizer(train.loc[train["behavior"] == "search", "query"], added_tokens(cfg))
     codec = TimelineCodec.of(tokenizer, item_ids, timeline_cfg.history_ids)
-    events = list(user_events(train).values())
-    timelines = [codec.timeline(user) for user in events]
+    timelines = [codec.timeline(user) for user in user_events(train).values()]
     tasks = enabled_tasks(cfg.corpus)
     adhoc = []
     if "adhoc" in tasks and timeline_cfg.adhoc_per_item:
@@ -90,7 +88,7 @@ def load_data(cfg: PipelineConfig) -> TimelineData:
     kinds = supervised_kinds(tasks)
     if not kinds and not adhoc:
         raise ValueError(f"tasks {tasks}: nothing for the timeline model to learn (enable rec, search or query)")
-    return TimelineData(tokenizer, codec, timelines, events, adhoc, identifiers, kinds)
+    return TimelineData(tokenizer, codec, timelines, adhoc, identifiers, kinds)
 
 
 def epoch_windows(data: TimelineData, timeline_cfg, rng: np.random.Generator) -> list:
