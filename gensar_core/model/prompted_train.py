@@ -339,9 +339,9 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
     last = resume_point(ckpt_root, fingerprint, prompted_cfg.resume, dist)
 
     # ---- model and encoded examples
-
     saved_tokenizer = AutoTokenizer.from_pretrained(str(last / "tokenizer")) if last is not None else None
-    texts = pd.concat([train_df["input_text"], train_df["target_text"]]) if prompted_cfg.backbone == "t5-scratch" else None
+    scratch = prompted_cfg.backbone == "t5-scratch"  # its tokenizer is learnt from the corpus
+    texts = pd.concat([train_df["input_text"], train_df["target_text"]]) if scratch else None
     backbone = load_backbone(cfg, corpus_texts=texts, tokenizer=saved_tokenizer, seed=seed)
     tokenizer, kind = backbone.tokenizer, backbone.kind
     pad_id = tokenizer.pad_token_id
@@ -353,8 +353,8 @@ def run_train(cfg: PipelineConfig, evaluators: Sequence[Evaluator] = (),
     # ---- optimizer, schedule, precision; the state to start from
     plan = plan_steps(len(epoch_order(task_index, weights, seed, 0)), prompted_cfg, train_cfg, dist.world)
     total_steps = plan.total_steps
-    optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=(0.9, 0.98), eps=1e-8,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr, betas=(0.9, 0.98),
+                                  eps=1e-8, fused=device.type == "cuda")
     warmup = min(train_cfg.warmup_steps, max(0, total_steps - 1))
     dtype = amp_dtype(device, train_cfg.mixed_precision)
     amp = lambda: autocast(device, dtype)  # noqa: E731
