@@ -21,8 +21,8 @@ that match the query this user would pick next.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
