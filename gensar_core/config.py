@@ -303,9 +303,9 @@ class TimelineLossWeights(_Strict):
     (ad-hoc windows included), and the query words with the `<src_item>` that ends them."""
 
     rec: float = Field(1.0, gt=0)
-    # 2 chosen on the valid split at three train seeds (docs/experiments.md,
-    # 2026-12-03): search IDs are a quarter of the supervised tokens, and at weight 1 search learns
-    # slower than in the search-only model and peaks after recommendation has started to overfit
+    # 2 chosen on valid at three train seeds (docs/experiments.md, 2026-12-03): search IDs are a
+    # quarter of the supervised tokens, and at weight 1 search learns slower than in the
+    # search-only model and peaks after recommendation has started to overfit
     search: float = Field(2.0, gt=0)
     # 0.5 chosen on valid at three train seeds (docs/experiments.md, 2026-12-03): query words are an
     # auxiliary task, not ranked; at half weight both ranking tasks gained
@@ -325,14 +325,15 @@ class TimelineModelConfig(_Strict):
     # more prompt lengths each model also reads when it ranks (evaluation, registry gate, batch
     # scoring, serving; not in-training validation, which reads `prompt_tokens` alone): every
     # (model, length) pair is decoded as an ensemble member, the mean of their next-token
-    # distributions. [128, 512] chosen on valid (docs/experiments.md, 2026-12-07: rec +0.0026, search +0.0013 over
-    # 256 alone, both inside chance; 3x the decoding time); []: one length
+    # distributions. [128, 512] chosen on valid (docs/experiments.md, 2026-12-07: rec +0.0026,
+    # search +0.0013 over 256 alone, both inside chance; 3x the decoding time); []: one length
     extra_prompt_tokens: list[Annotated[int, Field(ge=16)]] = [128, 512]
     d_model: int = Field(128, ge=8)
     d_ff: int = Field(512, ge=8)
     num_heads: int = Field(4, ge=1)
     num_layers: int = Field(2, ge=1)
-    tokens_per_batch: int = Field(8192, ge=64)  # padded tokens per optimizer step (docs/experiments.md: 8192 beat 16384)
+    # padded tokens per optimizer step (docs/experiments.md: 8192 beat 16384)
+    tokens_per_batch: int = Field(8192, ge=64)
     # pad each batch to one of few shapes (timeline.padded_shape): on a CPU with native bf16,
     # oneDNN keeps kernels and buffers per shape and a training's memory grew without bound
     pad_batch_shape: bool = True
@@ -344,10 +345,9 @@ class TimelineModelConfig(_Strict):
     # each event also carries the codes of its item's other identifier that its own lacks (the
     # collaborative suffix after a search's semantic ID, the semantic suffix after a click's
     # collaborative ID): recommendation reads searched items by their collaborative codes, search
-    # reads clicked items by their semantic ones; context only, never predicted
-    # (docs/experiments.md, 2026-12-07: at three seeds rec +0.0027, search
-    # +0.0012 on valid, chosen there; the test report then measured rec -0.0064, search +0.007;
-    # about 1.3x the tokens and the training time)
+    # reads clicked items by their semantic ones; context only, never predicted. Chosen on valid
+    # (docs/experiments.md, 2026-12-07: rec +0.0027, search +0.0012 at three seeds) for about 1.3x
+    # the tokens and the training time
     history_ids: bool = True
     # validate (and keep) an exponential moving average of the weights; None: the weights
     # (docs/experiments.md, 2026-12-03: 0.99 above the plain weights on both tasks, steadier,
@@ -455,8 +455,8 @@ class TrainConfig(_Strict):
     # an ensemble: one more model trained at each of these seeds (in its own folder, as an
     # `evaluate.seeds` replica would be, model/ensemble.py); evaluation, the registry, batch scoring
     # and serving decode the mean of the members' next-token distributions (model/decode.py).
-    # []: one model. Two more seeds chosen on valid (docs/experiments.md,
-    # 2026-12-07: rec +0.010, search +0.009 over the mean of the three models alone)
+    # []: one model. Two more seeds chosen on valid (docs/experiments.md, 2026-12-07: rec +0.010,
+    # search +0.009 over the mean of the three models alone)
     ensemble_seeds: list[int] = [7, 13]
 
 
@@ -488,8 +488,8 @@ class EvaluateConfig(_Strict):
     log_mlflow: bool = True
     batch_size: int = Field(512, ge=1)
     # generative models: constrained beam width (full ranking keeps the beam's items minus history).
-    # 40 chosen on valid for the 3-model ensemble (docs/experiments.md,
-    # 2026-12-07: rec +0.0032 over 20, beyond chance; 60 and 100 no further gain)
+    # 40 chosen on valid for the 3-model ensemble (docs/experiments.md, 2026-12-07: rec +0.0032
+    # over 20, beyond chance; 60 and 100 no further gain)
     beam_size: int = Field(40, ge=1)
     # what each decoding step's softmax runs over (model/decode.py): the prefix's valid
     # continuations (fastest: forced tokens are not computed, but an item alone under its prefix
@@ -500,8 +500,8 @@ class EvaluateConfig(_Strict):
     # search ranks its beam by the search log-prob plus this times the log-prob the same model's
     # recommendation head gives each item after the user's history (a personal prior: which of the
     # items that match the query this user would pick); 0: off. Models trained for both tasks only.
-    # 0.5 chosen on valid for the default ensemble (docs/experiments.md,
-    # 2026-12-07: search +0.0136, beyond chance; about 1.9x the decoding time of search)
+    # 0.5 chosen on valid for the default ensemble (docs/experiments.md, 2026-12-07: search
+    # +0.0136, beyond chance; about 1.9x the decoding time of search)
     search_rec_weight: float = Field(0.5, ge=0)
     seed: Optional[int] = None  # None: the pipeline seed
     # more trained generative models in the report, by name: config overrides that select each one
