@@ -101,7 +101,6 @@ class GenerativeRanker:
         self.backbone = model_dir if isinstance(model_dir, Backbone) else load_trained(model_dir, device=device)
         self.model, self.tokenizer, self.kind = self.backbone.model, self.backbone.tokenizer, self.backbone.kind
         self.device = next(self.model.parameters()).device
-        self.settings = settings
         self.beam_size, self.normalize, self.batch_size = settings.beam_size, settings.normalize, settings.batch_size
         self.max_rec, self.max_search = settings.max_rec_history, settings.max_search_history
         self.max_input = settings.max_input_length
