@@ -33,7 +33,7 @@ SPARK_CONN_ID = os.environ.get("GENSAR_SPARK_CONN_ID") or None
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
     params={
-        "dataset": Param("default", enum=["default", "amazon", "kuaisar", "generic"],
+        "dataset": Param("default", enum=["default", "amazon", "amazon-office", "kuaisar", "generic"],
                          description="a config under configs/ (ignored when `config` is set)"),
         "config": Param("", type="string", description="pipeline YAML path; empty: use `dataset`"),
         "formulation": Param("", enum=["", "timeline", "prompted"],

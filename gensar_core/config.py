@@ -90,15 +90,30 @@ class GenericSource(_Strict):
     item_columns: GenericItemColumns = GenericItemColumns()
 
 
+class InterJsonSource(_Strict):
+    """The JSON layout of LC-Rec, LETTER and P5: `<name>.inter.json`, one object
+    {"<user_idx>": [item_idx, ...]} with each user's items oldest first and no timestamps, and
+    `<name>.item.json`, one object {"<item_idx>": {"title", "description", "brand", "categories"}}
+    with `categories` one category path joined by `categories_sep`. A user's list positions become
+    times that order that user's events only (docs/data.md), so a chronological split is refused.
+    Paths, like every source path, are relative to the working directory."""
+
+    kind: Literal["inter_json"] = "inter_json"
+    inter: Path
+    items: Path
+    categories_sep: str = ", "
+
+
 Source = Annotated[
-    Union[MovieLensSource, AmazonSource, KuaiSARSource, GenericSource], Field(discriminator="kind")
+    Union[MovieLensSource, AmazonSource, KuaiSARSource, GenericSource, InterJsonSource],
+    Field(discriminator="kind"),
 ]
 
 
 class SyntheticSearchConfig(_Strict):
     """Turns a seeded share of interactions into searches (Amazon product-search protocol)."""
 
-    # None: on for sources without real queries (MovieLens, Amazon without a query file).
+    # None: on for sources without real queries (MovieLens, Amazon without a query file, inter_json).
     enabled: Optional[bool] = None
     share: float = Field(0.3, ge=0.0, le=1.0)
     # title words appended to the category query. 0 (the benchmark protocol): queries name
@@ -461,6 +476,41 @@ class TrainConfig(_Strict):
 
 
 # ---------------------------------------------------------------- evaluation (docs/architecture.md "Evaluation protocol")
+class SASRecSweepConfig(_Strict):
+    """A baseline's sweep on valid (baselines/tuning.py): grid axes, each with its reference value
+    first; `settings` points are tried (the reference plus a seeded draw of the grid)."""
+
+    grid: dict[Literal["lr", "dropout", "dim", "layers", "max_len", "heads", "batch_size", "weight_decay"],
+               list[float]] = {"lr": [1e-3, 3e-3], "dropout": [0.2, 0.5], "dim": [64, 128],
+                               "layers": [2, 1], "max_len": [50, 100, 200]}
+    settings: int = Field(10, ge=1)
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(5, ge=1)  # epochs without a better valid NDCG@10 before stopping
+
+    @field_validator("grid")
+    @classmethod
+    def _whole_numbers(cls, grid: dict) -> dict:
+        ints = {"dim", "layers", "max_len", "heads", "batch_size"}
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid.{key} is empty")
+            if key in ints and any(v != int(v) for v in values):
+                raise ValueError(f"grid.{key} takes whole numbers, got {values}")
+        return {k: [int(v) if k in ints else float(v) for v in values] for k, values in grid.items()}
+
+
+class BaselinesConfig(_Strict):
+    """The `tune_baselines` step: baselines tuned on valid with the generative model's care. The
+    nightly DAG does not run it (a sweep costs far more than a night's training); evaluation and
+    the registry gate use the tuned models when the step has written them."""
+
+    tune: list[Literal["sasrec", "query-sasrec"]] = ["sasrec", "query-sasrec"]
+    sasrec: SASRecSweepConfig = SASRecSweepConfig()
+    # the query-aware SASRec keeps the architecture SASRec's sweep chose and sweeps the rest
+    query_sasrec: SASRecSweepConfig = SASRecSweepConfig(grid={"lr": [1e-3, 3e-3], "dropout": [0.2, 0.5]}, settings=4)
+    query_sasrec_from_sasrec: bool = True
+
+
 class EvaluateConfig(_Strict):
     """The `evaluate` step: baselines (and plugged-in models) on a held-out split, two protocols.
 
@@ -475,12 +525,16 @@ class EvaluateConfig(_Strict):
     ks: list[Annotated[int, Field(ge=1)]] = [1, 5, 10]
     num_candidates: int = Field(100, ge=2)
     # which baselines run (run_evaluate's extra_rankers come on top)
-    baselines: list[Literal["popularity", "sasrec", "bm25", "dense", "bm25+sasrec", "dense+sasrec"]] = [
-        "popularity", "sasrec", "bm25", "dense", "bm25+sasrec", "dense+sasrec"]
+    # (sasrec-x3 and query-sasrec need the models of the tune_baselines step)
+    baselines: list[Literal["popularity", "sasrec", "sasrec-x3", "query-sasrec", "bm25", "dense", "bm25+sasrec",
+                            "dense+sasrec"]] = ["popularity", "sasrec", "bm25", "dense", "bm25+sasrec", "dense+sasrec"]
     # two-stage personalised search: first-stage size, and the weight of the retrieval score in
-    # the re-ranking blend (0: SASRec alone re-ranks; None: picked on the valid split)
-    retrieve_top_n: int = Field(100, ge=1)
+    # the re-ranking blend (0: SASRec alone re-ranks); None: tuned together on the valid split
+    retrieve_top_n: Optional[int] = Field(None, ge=1)
     blend_alpha: Optional[float] = Field(None, ge=0, le=1)
+    # [method, against] pairs the report compares case by case (NDCG@10 difference with its 95%
+    # interval, full catalogue, both tasks), beside the comparison of each model with the best baseline
+    compare: list[tuple[str, str]] = []
     # evaluate at most this many cases per task (a seeded sample); None: all
     max_cases: Optional[int] = Field(None, ge=1)
     # report folder under <warehouse>/reports/; None: 'eval-<split>' (plus '-<ds>' when set)
@@ -541,6 +595,12 @@ class RegistryConfig(_Strict):
     # the default ensemble decodes 9 (model, prompt length) pairs, and on every valid case the
     # gate took 2 min 20 s of a 32-minute `make run`
     max_cases: Optional[int] = Field(600, ge=1)
+    # also pair the new model, case by case, with the best baseline of each task (the ones
+    # `evaluate` runs) on the same cases: beating the previous champion says nothing about a
+    # model that, like the champion, loses to popularity or SASRec. A model whose 95% interval
+    # lies below 0 on either task is registered as challenger, never champion. False: the
+    # champion comparison alone (no baseline inputs needed, a faster gate)
+    compare_baselines: bool = True
 
 
 def prompt_only_settings(corpus: CorpusConfig) -> list[str]:
@@ -572,6 +632,7 @@ class PipelineConfig(_Strict):
     corpus: CorpusConfig = CorpusConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("ds", mode="before")
@@ -586,6 +647,16 @@ class PipelineConfig(_Strict):
         except ValueError as e:
             raise ValueError(f"ds must be a date YYYY-MM-DD, got {v!r}") from e
         return v
+
+    @model_validator(mode="after")
+    def _chronological_needs_real_time(self) -> "PipelineConfig":
+        """inter_json has no timestamps: its times are list positions, equal across users, so a
+        global time cut would split by sequence length, not by time."""
+        if self.split.strategy == "chronological" and self.data.source.kind == "inter_json":
+            raise ValueError("split.strategy=chronological needs real timestamps, and data.source.kind="
+                             "inter_json has none (each user's list order becomes times that order that "
+                             "user's events only); use split.strategy=leave_one_out")
+        return self
 
     @model_validator(mode="after")
     def _timeline_reads_what_is_set(self) -> "PipelineConfig":

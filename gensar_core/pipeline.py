@@ -138,6 +138,15 @@ def generative_rankers(cfg: PipelineConfig) -> dict:
     return {name: generative_ranker(model_cfg, name, hints.get(name)) for name, model_cfg in configs.items()}
 
 
+def step_tune_baselines(cfg: PipelineConfig) -> dict:
+    """Sweep SASRec and the query-aware SASRec on valid -> models/baselines/ (not in the nightly DAG)."""
+    from gensar_core.baselines.tuning import run_tune_baselines
+
+    result = run_tune_baselines(cfg, progress=cfg.train.progress)
+    tracking.log_step(cfg, "tune_baselines", result)
+    return result
+
+
 def step_evaluate(cfg: PipelineConfig) -> dict:
     """Every method on the test split, both tasks, both protocols -> reports/ (Markdown + plot)."""
     from gensar_core.evaluate.run import run_evaluate
@@ -146,13 +155,15 @@ def step_evaluate(cfg: PipelineConfig) -> dict:
 
 
 def step_register(cfg: PipelineConfig) -> dict:
-    """Register this config's trained model in MLflow; champion only if better on both tasks."""
+    """Register this config's trained model in MLflow; champion only if better than the champion on
+    both tasks and not worse than a baseline beyond chance. The decision goes to reports/gate.json
+    and the top of the evaluation report (evaluate runs first)."""
     from gensar_core import registry
     from gensar_core.model.ensemble import generative_ranker
     from gensar_core.model.runs import trained_model_dir
 
     ranker = generative_ranker(cfg)  # a model that has not been trained is an error naming the step
-    return registry.register(cfg, trained_model_dir(cfg), registry.gate_metrics(cfg, ranker))
+    return registry.register_with_gate(cfg, trained_model_dir(cfg), ranker)
 
 
 def step_batch_score(cfg: PipelineConfig, partition: int | None = None) -> dict:
@@ -172,15 +183,20 @@ STEPS: dict[str, Callable[[PipelineConfig], dict]] = {
     "learn_identifiers": step_learn_identifiers,
     "build_corpus": step_build_corpus,
     "train": step_train,
+    "tune_baselines": step_tune_baselines,
     "evaluate": step_evaluate,
     "register": step_register,
     "batch_score": step_batch_score,
 }
 
 
+# steps that run only when named: a baseline sweep is the results script's work, not the night's
+ON_REQUEST = ("tune_baselines",)
+
+
 def run_steps(cfg: PipelineConfig, names: list[str] | None = None) -> dict[str, dict]:
-    """Run the named steps (default: all) in pipeline order."""
-    names = names or list(STEPS)
+    """Run the named steps (default: all but ON_REQUEST) in pipeline order."""
+    names = names or [n for n in STEPS if n not in ON_REQUEST]
     unknown = [n for n in names if n not in STEPS]
     if unknown:
         raise ValueError(f"unknown step(s) {unknown}; steps are {list(STEPS)}")

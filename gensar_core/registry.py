@@ -2,8 +2,12 @@
 
 A new version becomes the champion (alias `champion`) only if its validation metric
 (`registry.metric`, full-catalogue protocol, `registry.split`) beats the current champion's on
-both recommendation and search; otherwise it gets the alias `challenger`. The numbers the gate
-used are kept as version tags, so the decision can be read back in the MLflow UI.
+both recommendation and search, and (`registry.compare_baselines`) it does not lose to the best
+baseline of either task beyond chance: paired on the same cases, the 95% bootstrap interval of
+(new - best baseline) per-case NDCG lies entirely below 0. Otherwise it gets the alias
+`challenger`. The numbers the gate used and the reason are kept as version tags, so the decision
+can be read back in the MLflow UI; the register step also writes it to `reports/gate.json` and
+to the top of the evaluation report (`publish_gate`).
 """
 from __future__ import annotations
 
@@ -22,11 +26,14 @@ from mlflow.exceptions import MlflowException
 
 from gensar_core import tracking
 from gensar_core.config import PipelineConfig
+from gensar_core.evaluate.context import EvalContext
 from gensar_core.evaluate.protocols import evaluate_ranker
+from gensar_core.evaluate.report import paired_against_best, report_dir, write_gate_note
+from gensar_core.evaluate.run import baseline_rankers, report_name
 from gensar_core.model.corpus import apply_id_scheme
 from gensar_core.model.ensemble import member_dirs
 from gensar_core.model.generative_ranker import DecodeSettings, GenerativeRanker, ranker_settings
-from gensar_core.storage import Warehouse, read_table
+from gensar_core.storage import Warehouse, read_table, write_json_atomic
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -35,17 +42,90 @@ SERVING_CODE = Path(__file__).with_name("serving_model.py")
 MEMBER = "member"  # artifact names of an ensemble's other members: member1, member2, ...
 
 
-def gate_metrics(cfg: PipelineConfig, ranker) -> dict[str, float]:
-    """The gate's numbers for a ranker: `registry.metric` per task, full ranking on `registry.split`."""
-    full_only = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
-        update={"protocols": ["full"], "max_cases": cfg.registry.max_cases})})
-    result = evaluate_ranker(ranker, full_only, cfg.registry.split)["full"]
+def gate_config(cfg: PipelineConfig) -> PipelineConfig:
+    """`cfg` as the gate ranks: full ranking only, a seeded draw of `registry.max_cases` cases of
+    `registry.split`. The split is also set as the evaluated one because a baseline tuned on "the
+    split before the scored one" (the two-stage blend weight) must not tune on the gate's cases."""
+    return cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
+        "protocols": ["full"], "max_cases": cfg.registry.max_cases, "split": cfg.registry.split})})
+
+
+def gate_metrics(cfg: PipelineConfig, ranker, *, ctx: EvalContext | None = None,
+                 per_case: dict | None = None) -> dict[str, float]:
+    """The gate's numbers for a ranker: `registry.metric` per task, full ranking on `registry.split`
+    (`ctx`: a context of `gate_config(cfg)` to share; `per_case`: filled as evaluate_ranker does)."""
+    result = evaluate_ranker(ranker, gate_config(cfg), cfg.registry.split, ctx=ctx, per_case=per_case)["full"]
     return {task: float((result.get(task) or {}).get(cfg.registry.metric, 0.0)) for task in TASKS}
+
+
+def compare_with_baselines(cfg: PipelineConfig, ctx: EvalContext, per_case: dict) -> dict[str, dict]:
+    """The new model (its per-case scores `per_case` on `ctx`'s cases) against the best baseline of
+    each task: the baselines the evaluate step runs (evaluate.run.baseline_rankers), ranked on the
+    same cases, the best by `registry.metric`, paired with report.paired_against_best.
+
+    {task: {against, diff, low, high, n, metric, baselines: {name: registry.metric}}}; a task no
+    baseline (or the model) handles is left out. `metric` names the per-case score the interval is
+    on: NDCG at the largest of `evaluate.ks`, as in the evaluation report."""
+    methods, scores = {}, {CHALLENGER: per_case}
+    try:
+        rankers = baseline_rankers(ctx)
+    except FileNotFoundError as err:  # a baseline's input (features/sasrec, features/semantic)
+        raise FileNotFoundError(f"{err} (the registry gate compares with the evaluate step's baselines; "
+                                f"registry.compare_baselines: false turns that off)") from err
+    if CHALLENGER in rankers:
+        raise ValueError(f"a baseline is named {CHALLENGER!r}, the gate's name for the new model")
+    for name, ranker in rankers.items():
+        scores[name] = {}
+        methods[name] = evaluate_ranker(ranker, ctx.cfg, cfg.registry.split, ctx=ctx, protocols=["full"],
+                                        per_case=scores[name])
+    paired = paired_against_best(methods, scores, list(rankers), metric=cfg.registry.metric,
+                                 seed=cfg.seed).get(CHALLENGER, {})
+    metric = f"NDCG@{max(ctx.cfg.evaluate.ks)}"
+    return {task: {**p, "metric": metric,
+                   "baselines": {name: float(by["full"][task][cfg.registry.metric])
+                                 for name, by in methods.items() if by["full"].get(task)}}
+            for task, p in paired.items()}
+
+
+def gate_evaluation(cfg: PipelineConfig, ranker) -> tuple[dict[str, float], dict | None]:
+    """The gate's numbers for `ranker` (gate_metrics) and, with `registry.compare_baselines`, its
+    comparison with the best baselines on the same cases (compare_with_baselines; else None)."""
+    ctx = EvalContext(gate_config(cfg))  # one draw of cases, shared by the model and the baselines
+    per_case: dict = {}
+    metrics = gate_metrics(cfg, ranker, ctx=ctx, per_case=per_case)
+    if not cfg.registry.compare_baselines:
+        return metrics, None
+    return metrics, compare_with_baselines(cfg, ctx, per_case)
 
 
 def beats(new: dict[str, float], champion: dict[str, float] | None) -> bool:
     """Promote only a model better on both tasks (the first model always wins)."""
     return champion is None or all(new[t] > champion[t] for t in TASKS)
+
+
+def losses(baselines: dict[str, dict] | None) -> dict[str, dict]:
+    """The tasks on which the model loses to the best baseline beyond chance: the interval of the
+    difference lies entirely below 0 (one that holds 0 the choice of cases alone can explain)."""
+    return {task: p for task, p in (baselines or {}).items() if p["high"] < 0}
+
+
+def interval(p: dict) -> str:
+    return f"{p['diff']:+.4f} {p['metric']} [{p['low']:+.4f}, {p['high']:+.4f}]"
+
+
+def decision_reason(promoted: bool, metrics: dict[str, float], champion_metrics: dict[str, float] | None,
+                    champion_version: str | None, baselines: dict | None) -> str:
+    """One line saying why the gate decided as it did (the `gate.reason` tag, the report's first line)."""
+    if promoted:
+        why = ("the first model" if champion_metrics is None else
+               f"better than champion version {champion_version} on both tasks")
+        return f"Promoted: {why}" + ("; baselines not compared (registry.compare_baselines: false)"
+                                     if baselines is None else "; no baseline beats it beyond chance")
+    parts = [f"loses to {p['against']} on {task} by {interval(p)}" for task, p in losses(baselines).items()]
+    if not beats(metrics, champion_metrics):
+        parts.append(f"not better than champion version {champion_version} on both tasks ("
+                     + ", ".join(f"{t} {metrics[t]:.4f} vs {champion_metrics[t]:.4f}" for t in TASKS) + ")")
+    return "Not promoted: " + "; ".join(parts)
 
 
 def _champion(client, name: str):
@@ -55,11 +135,16 @@ def _champion(client, name: str):
         return None
 
 
-def register(cfg: PipelineConfig, model_dir: str | Path, metrics: dict[str, float]) -> dict:
-    """Log `model_dir` as a pyfunc model version and apply the champion gate."""
+def register(cfg: PipelineConfig, model_dir: str | Path, metrics: dict[str, float],
+             baselines: dict[str, dict] | None = None) -> dict:
+    """Log `model_dir` as a pyfunc model version and apply the gate: the champion rule, and with
+    `baselines` (compare_with_baselines; None: not compared) the rule that a model losing to a
+    baseline beyond chance stays challenger."""
     name = cfg.registry.model_name
     with tracking.start_run(cfg, f"register {Path(model_dir).name}", tags={"gensar.step": "register"}) as run:
         tracking.log_metrics({f"gate/{t}/{cfg.registry.metric}": v for t, v in metrics.items()})
+        tracking.log_metrics({f"gate/{t}/vs_best_baseline/{key}": p[key]
+                              for t, p in (baselines or {}).items() for key in ("diff", "low", "high")})
         with tempfile.TemporaryDirectory() as tmp:
             settings = Path(tmp) / "settings.json"
             settings.write_text(json.dumps(ranker_settings(cfg).to_json()))
@@ -84,14 +169,47 @@ def register(cfg: PipelineConfig, model_dir: str | Path, metrics: dict[str, floa
     current = _champion(client, name)
     champion_metrics = ({t: float(current.tags.get(f"gate.{t}", 0.0)) for t in TASKS}
                         if current is not None else None)
-    promoted = beats(metrics, champion_metrics)
+    promoted = beats(metrics, champion_metrics) and not losses(baselines)
+    reason = decision_reason(promoted, metrics, champion_metrics, str(current.version) if current else None,
+                             baselines)
     client.set_registered_model_alias(name, CHAMPION if promoted else CHALLENGER, version)
     client.set_model_version_tag(name, version, "gate.decision", "champion" if promoted else "challenger")
-    log.info("registered %s version %s: %s (new %s vs champion %s)", name, version,
-             "promoted to champion" if promoted else "kept as challenger", metrics, champion_metrics)
+    client.set_model_version_tag(name, version, "gate.reason", reason)
+    for task, p in (baselines or {}).items():
+        client.set_model_version_tag(name, version, f"gate.baseline.{task}", f"{interval(p)} vs {p['against']}")
+    log.info("registered %s version %s: %s (new %s vs champion %s)", name, version, reason, metrics,
+             champion_metrics)
     return {"model_name": name, "version": version, "promoted": promoted, "metrics": metrics,
-            "champion_metrics": champion_metrics, "run_id": run_id,
+            "champion_metrics": champion_metrics, "baselines": baselines, "reason": reason, "run_id": run_id,
             "champion_version": version if promoted else (str(current.version) if current else None)}
+
+
+def register_with_gate(cfg: PipelineConfig, model_dir: str | Path, ranker) -> dict:
+    """The register step: the gate's numbers for `ranker` (the model of `model_dir`), the model
+    registered past the gate, and the decision published (publish_gate)."""
+    metrics, baselines = gate_evaluation(cfg, ranker)
+    result = register(cfg, model_dir, metrics, baselines)
+    return {**result, **publish_gate(cfg, result)}
+
+
+def gate_file(cfg: PipelineConfig) -> Path:
+    return Warehouse(cfg.warehouse).path("reports", "gate.json")
+
+
+def publish_gate(cfg: PipelineConfig, result: dict) -> dict:
+    """Write the gate's decision to `reports/gate.json` and to the first lines of this run's
+    evaluation report. The DAG runs evaluate before register, so the report exists and cannot
+    know the decision itself: register adds it (replacing the note of an earlier try).
+    Returns {'gate_file', 'report'} (report: None when there is no evaluation report)."""
+    report = report_dir(cfg, report_name(cfg)) / "report.md"
+    gate = {**result, "ds": cfg.ds, "split": cfg.registry.split, "max_cases": cfg.registry.max_cases,
+            "gate_metric": cfg.registry.metric, "report": str(report) if report.exists() else None}
+    write_json_atomic(gate_file(cfg), gate)
+    if report.exists():
+        write_gate_note(report, gate)
+    else:
+        log.info("no evaluation report at %s: the gate's decision is in %s only", report, gate_file(cfg))
+    return {"gate_file": str(gate_file(cfg)), "report": gate["report"]}
 
 
 def _requirements() -> list[str]:

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from gensar_core.baselines import BASELINES, build_baselines
+from gensar_core.baselines import BASELINES, TUNED_ONLY, build_baselines
 from gensar_core.baselines.bm25 import case_queries
-from gensar_core.baselines.two_stage import ALPHAS, TwoStageRanker
+from gensar_core.baselines.two_stage import ALPHAS, DEPTHS, TwoStageRanker
 from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.context import EvalContext
 from gensar_core.evaluate.protocols import sampled_candidates
@@ -38,7 +38,7 @@ def rankers(ctx):
 
 
 def test_every_baseline_returns_valid_items(ctx, rankers):
-    assert list(rankers) == list(BASELINES)
+    assert list(rankers) == [n for n in BASELINES if n not in TUNED_ONLY]
     for name, ranker in rankers.items():
         for task in ("rec", "search"):
             cases = ctx.cases("test", task)
@@ -119,17 +119,24 @@ def test_two_stage_blend_ends(ctx, rankers):
     assert [r.tolist() for r in pure.rank(rec, "rec", 10)] == [r.tolist() for r in sasrec.rank(rec, "rec", 10)]
 
 
-def test_two_stage_alpha_is_tuned_on_the_split_before_the_scored_one(root, ctx, rankers):
+def test_two_stage_depth_and_alpha_are_tuned_on_the_split_before_the_scored_one(root, ctx, rankers):
     ranker = rankers["bm25+sasrec"]  # scoring test: tuned on valid
-    assert ranker.alpha in ALPHAS
+    assert ranker.alpha in ALPHAS and ranker.top_n in DEPTHS + (ctx.n_items,)
     info = ranker.info()
-    assert info["alpha_tuned_on"].startswith("valid search cases")
-    assert info["alpha"] == ranker.alpha and len(info["tuning_ndcg@10_by_alpha"]) == len(ALPHAS)
-    best = max(info["tuning_ndcg@10_by_alpha"].values())
-    assert info["tuning_ndcg@10_by_alpha"][str(ranker.alpha)] == best
+    assert info["tuned_on"].startswith("valid search cases")
+    settings = [row["settings"] for row in info["sweep"]]
+    depths = sorted({s["top_n"] for s in settings})
+    assert depths == ([d for d in DEPTHS if d < ctx.n_items] or [ctx.n_items])
+    assert len(settings) == len(ALPHAS) * len(depths)
+    best = max(row["valid_search_ndcg10"] for row in info["sweep"])
+    chosen = next(row for row in info["sweep"] if row["settings"] == {"top_n": ranker.top_n, "alpha": ranker.alpha})
+    assert chosen["valid_search_ndcg10"] == best
+    # a depth fixed in the config is kept; only the blend is tuned
+    fixed = TwoStageRanker(ctx, rankers["bm25"], rankers["sasrec"], top_n=7)
+    assert fixed.alpha in ALPHAS and fixed.top_n == 7 and len(fixed.info()["sweep"]) == len(ALPHAS)
     # scoring valid: tuned on train, never on the cases being scored
     on_valid = build_baselines(make_ctx(root, split="valid"), ["bm25+sasrec"])["bm25+sasrec"]
-    assert on_valid.alpha in ALPHAS and on_valid.info()["alpha_tuned_on"].startswith("train search cases")
+    assert on_valid.alpha in ALPHAS and on_valid.info()["tuned_on"].startswith("train search cases")
 
 
 def test_two_stage_without_tuning_cases_fails_loudly(root, monkeypatch):

@@ -69,9 +69,10 @@ def test_fingerprint_tracks_content():
 def test_shipped_configs_load_and_differ_from_the_defaults_as_they_say():
     root = Path(__file__).resolve().parents[1] / "configs"
     shipped = {f.stem: load_config(f) for f in sorted(root.glob("*.yaml"))}
-    assert set(shipped) == {"default", "ablations", "amazon", "generic", "kuaisar"}
+    assert set(shipped) == {"default", "ablations", "amazon", "amazon-office", "generic", "kuaisar"}
     assert shipped["default"] == PipelineConfig()
-    assert [shipped[name].data.source.kind for name in ("amazon", "generic", "kuaisar")] == ["amazon", "generic", "kuaisar"]
+    assert [shipped[name].data.source.kind for name in ("amazon", "amazon-office", "generic", "kuaisar")] == [
+        "amazon", "inter_json", "generic", "kuaisar"]
     ablations = shipped["ablations"]
     assert {"gensar-rec-only", "gensar-search-only", "tiger-style", "gensar-prompted-t5"} <= set(ablations.evaluate.variants)
     variants = {name: with_overrides(ablations, o) for name, o in ablations.evaluate.variants.items()}

@@ -19,8 +19,8 @@ TINY = ["embed.collaborative.epochs=1", "embed.collaborative.dim=16", "identifie
         "model.timeline.d_model=32", "model.timeline.d_ff=64", "model.timeline.num_heads=2",
         "model.timeline.max_len=64", "model.timeline.tokens_per_batch=512",
         "train.eval_every=0", "train.warmup_steps=2", "evaluate.beam_size=5", "evaluate.num_candidates=5",
-        # 3 users: no valid search case to tune the two-stage blend on
-        "evaluate.blend_alpha=0.5"]
+        # 3 users: no valid search case to tune the two-stage depth and blend on
+        "evaluate.retrieve_top_n=100", "evaluate.blend_alpha=0.5"]
 
 
 @pytest.fixture(scope="module")

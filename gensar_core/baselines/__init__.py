@@ -1,11 +1,13 @@
 """Baselines, each a `Ranker` (gensar_core.evaluate.ranking), built from one `EvalContext`.
 
     popularity    train clicks                                   (popularity.py)
-    sasrec        SASRec over the full interleaved sequence      (sasrec.py)
+    sasrec        SASRec over the full interleaved sequence      (sasrec.py; tuned: tuning.py)
+    sasrec-x3     the tuned SASRec at three seeds, averaged      (needs tune_baselines)
+    query-sasrec  SASRec that also reads the query               (needs tune_baselines)
     bm25          BM25 over item text                            (bm25.py)
     dense         MiniLM query / history-mean vs item vectors    (dense.py)
-    bm25+sasrec   BM25 top-100 re-ranked with SASRec             (two_stage.py)
-    dense+sasrec  dense top-100 re-ranked with SASRec            (two_stage.py)
+    bm25+sasrec   BM25's top N re-ranked with SASRec             (two_stage.py)
+    dense+sasrec  dense top N re-ranked with SASRec              (two_stage.py)
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from gensar_core.baselines.popularity import PopularityRanker
 from gensar_core.baselines.sasrec import SASRecRanker
 from gensar_core.baselines.two_stage import TwoStageRanker
 
-BASELINES = ("popularity", "sasrec", "bm25", "dense", "bm25+sasrec", "dense+sasrec")
+BASELINES = ("popularity", "sasrec", "sasrec-x3", "query-sasrec", "bm25", "dense", "bm25+sasrec", "dense+sasrec")
+TUNED_ONLY = ("sasrec-x3", "query-sasrec")
 
 __all__ = ["BASELINES", "build_baselines", "PopularityRanker", "SASRecRanker", "BM25Ranker",
            "DenseRanker", "TwoStageRanker"]
@@ -33,12 +36,19 @@ def build_baselines(ctx, names: Optional[Sequence[str]] = None) -> dict:
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; baselines are {list(BASELINES)}")
+    untuned = [n for n in names if n in TUNED_ONLY and not ctx.tuned(n.removesuffix("-x3"))]
+    if untuned:
+        raise FileNotFoundError(f"baseline(s) {untuned} need the tuned models of the tune_baselines step "
+                                f"under {ctx.cfg.warehouse}/models/baselines: run `gensar tune_baselines`")
+    makers = {"popularity": PopularityRanker, "sasrec": SASRecRanker, "bm25": BM25Ranker, "dense": DenseRanker,
+              "sasrec-x3": lambda ctx: SASRecRanker(ctx, ctx.tuned("sasrec"), "sasrec-x3"),
+              "query-sasrec": lambda ctx: SASRecRanker(ctx, ctx.tuned("query-sasrec")[:1], "query-sasrec",
+                                                       query_aware=True)}
     shared: dict = {}
 
     def get(name):
         if name not in shared:
-            shared[name] = {"popularity": PopularityRanker, "sasrec": SASRecRanker, "bm25": BM25Ranker,
-                            "dense": DenseRanker}[name](ctx)
+            shared[name] = makers[name](ctx)
         return shared[name]
 
     out = {}

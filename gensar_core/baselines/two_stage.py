@@ -1,15 +1,17 @@
 """Two-stage personalised search, the system a practitioner would build from the parts at hand.
 
-Stage 1 retrieves the `top_n` (100) items that best match the query (BM25, or the dense MiniLM
+Stage 1 retrieves the `top_n` items that best match the query (BM25, or the dense MiniLM
 retriever), among the items the protocol allows. Stage 2 re-ranks them by a blend of the
 min-max-normalised retrieval score and the min-max-normalised SASRec score of the user's sequence:
 
     alpha * retrieval + (1 - alpha) * sasrec        (alpha 0: SASRec alone orders the retrieved set)
 
-`alpha` is `evaluate.blend_alpha`, or, when that is None, the value of 0, 0.1, ..., 1 with the best
-NDCG@10 on the search cases of the split before the scored one (valid when scoring test, train
-when scoring valid: never the cases being scored; full-catalogue protocol; ties: the smaller
-alpha), as one would tune it before shipping. Recommendation traffic in such a system is served by the
+`top_n` and `alpha` are `evaluate.retrieve_top_n` and `evaluate.blend_alpha`; each one that is None
+is tuned together with the other on the search cases of the split before the scored one (valid
+when scoring test, train when scoring valid: never the cases being scored; full-catalogue
+protocol, NDCG@10; ties: the smaller depth, then the smaller alpha), as one would tune it before
+shipping: a query such as "drama" names hundreds of items, so the depth matters as much as the
+blend. Recommendation traffic in such a system is served by the
 recommender itself, so on the rec task this ranker is SASRec.
 """
 from __future__ import annotations
@@ -26,6 +28,10 @@ from gensar_core.evaluate.ranking import ScoreRanker, allowed_mask, top_k
 log = logging.getLogger(__name__)
 
 ALPHAS = tuple(round(i / 10, 1) for i in range(11))
+DEPTHS = (20, 50, 100, 200, 500, 1000)
+# at most this many tuning cases (a seeded draw): tuning on train (the registry gate scores valid)
+# would otherwise blend every train search, 66 grid points each
+TUNE_CASES = 3000
 # the split alpha is tuned on, by the split being scored
 TUNING_SPLIT = {"test": "valid", "valid": "train"}
 
@@ -54,18 +60,24 @@ class TwoStageRanker(ScoreRanker):
                  alpha: Optional[float] = None, name: Optional[str] = None):
         super().__init__(ctx)
         self.retriever, self.reranker = retriever, reranker
-        self.top_n = top_n or ctx.cfg.evaluate.retrieve_top_n
         self.name = name or f"{retriever.name}+{reranker.name}"
+        self._top_n = top_n if top_n is not None else ctx.cfg.evaluate.retrieve_top_n
         self._alpha = alpha if alpha is not None else ctx.cfg.evaluate.blend_alpha
-        self.tuning: dict[float, float] = {}
-        self.description = (f"{retriever.name} retrieves the top {self.top_n} for the query, re-ranked by "
+        self.tuning: dict[tuple[int, float], float] = {}
+        self.description = (f"{retriever.name} retrieves the top N for the query, re-ranked by "
                             f"alpha*{retriever.name} + (1-alpha)*{reranker.name} (min-max per case); "
                             f"rec: {reranker.name}")
 
     @property
+    def top_n(self) -> int:
+        if self._top_n is None:
+            self._top_n, self._alpha = self.tune()
+        return self._top_n
+
+    @property
     def alpha(self) -> float:
         if self._alpha is None:
-            self._alpha = self.tune()
+            self._top_n, self._alpha = self.tune()
         return self._alpha
 
     def _parts(self, cases: pd.DataFrame, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,40 +87,50 @@ class TwoStageRanker(ScoreRanker):
     def tuning_split(self) -> str:
         return TUNING_SPLIT[self.ctx.cfg.evaluate.split]
 
-    def tune(self, k: int = 10) -> float:
-        """The blend weight with the best NDCG@k on the tuning split's search cases (full catalogue)."""
+    def tune(self, k: int = 10) -> tuple[int, float]:
+        """(top_n, alpha) with the best NDCG@k on the tuning split's search cases (full catalogue),
+        each over its grid when not set in the config."""
         split = self.tuning_split
         cases = self.ctx.cases(split, "search")
         if not len(cases):
-            raise ValueError(f"{self.name}: splits/{split} has no search cases to tune the blend weight on "
-                             f"(evaluating {self.ctx.cfg.evaluate.split}); set evaluate.blend_alpha")
+            raise ValueError(f"{self.name}: splits/{split} has no search cases to tune the depth and blend on "
+                             f"(evaluating {self.ctx.cfg.evaluate.split}); set evaluate.retrieve_top_n and "
+                             f"evaluate.blend_alpha")
+        if len(cases) > TUNE_CASES:
+            rng = np.random.default_rng([self.ctx.seed, 23])
+            cases = cases.iloc[np.sort(rng.choice(len(cases), TUNE_CASES, replace=False))]
+        depths = [self._top_n] if self._top_n is not None else [d for d in DEPTHS if d < self.ctx.n_items] or [self.ctx.n_items]
+        alphas = [self._alpha] if self._alpha is not None else list(ALPHAS)
+        grid = [(d, a) for d in depths for a in alphas]
         batch = self.ctx.cfg.evaluate.batch_size
-        lists: dict[float, list] = {a: [] for a in ALPHAS}
+        lists: dict[tuple[int, float], list] = {g: [] for g in grid}
         for start in range(0, len(cases), batch):
             chunk = cases.iloc[start:start + batch]
             mask = allowed_mask(chunk, self.ctx.n_items)
             retrieval, personal = self._parts(chunk, mask)
-            for a in ALPHAS:
-                lists[a] += top_k(blend_scores(retrieval, personal, mask, self.top_n, a, self.ctx.tiebreak),
-                                  k, self.ctx.tiebreak)
+            for d, a in grid:
+                lists[(d, a)] += top_k(blend_scores(retrieval, personal, mask, d, a, self.ctx.tiebreak),
+                                       k, self.ctx.tiebreak)
         targets = cases["target"].to_numpy()
-        self.tuning = {a: round(ndcg_at_k(lists[a], targets, k), 5) for a in ALPHAS}
-        best = max(ALPHAS, key=lambda a: (self.tuning[a], -a))
-        log.info("%s: alpha %.1f (%s NDCG@%d by alpha: %s)", self.name, best, split, k, self.tuning)
-        return float(best)
+        self.tuning = {g: round(ndcg_at_k(lists[g], targets, k), 5) for g in grid}
+        best = max(grid, key=lambda g: (self.tuning[g], -g[0], -g[1]))
+        log.info("%s: top_n %d, alpha %.1f (%s NDCG@%d, best of %d settings)", self.name, best[0], best[1], split, k,
+                 self.tuning[best], len(grid))
+        return int(best[0]), float(best[1])
 
     def masked_scores(self, cases: pd.DataFrame, task: str, mask: np.ndarray) -> np.ndarray:
         if task == "rec":
             return self.reranker.masked_scores(cases, task, mask)
-        alpha = self.alpha
+        top_n, alpha = self.top_n, self.alpha
         retrieval, personal = self._parts(cases, mask)
-        return blend_scores(retrieval, personal, mask, self.top_n, alpha, self.ctx.tiebreak)
+        return blend_scores(retrieval, personal, mask, top_n, alpha, self.ctx.tiebreak)
 
     def info(self) -> dict:
-        out = {"top_n": self.top_n, "alpha": self._alpha}
+        out = {"top_n": self._top_n, "alpha": self._alpha}
         if self.tuning:
-            out["alpha_tuned_on"] = f"{self.tuning_split} search cases, NDCG@10, full catalogue"
-            out["tuning_ndcg@10_by_alpha"] = {str(a): v for a, v in self.tuning.items()}
+            out["tuned_on"] = f"{self.tuning_split} search cases, NDCG@10, full catalogue"
+            out["sweep"] = [{"settings": {"top_n": d, "alpha": a}, f"{self.tuning_split}_search_ndcg10": v}
+                            for (d, a), v in self.tuning.items()]
         else:
-            out["alpha_tuned_on"] = "set by evaluate.blend_alpha"
+            out["tuned_on"] = "set by evaluate.retrieve_top_n and evaluate.blend_alpha"
         return out

@@ -31,7 +31,7 @@ def _wants_synthetic_search(cfg: PipelineConfig) -> bool:
     src = cfg.data.source
     if cfg.data.search.enabled is not None:
         return cfg.data.search.enabled
-    return src.kind == "movielens" or (src.kind == "amazon" and src.queries is None)
+    return src.kind in ("movielens", "inter_json") or (src.kind == "amazon" and src.queries is None)
 
 
 def _apply_query_file(events: DataFrame, queries: DataFrame) -> tuple[DataFrame, DataFrame]:

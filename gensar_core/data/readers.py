@@ -8,6 +8,15 @@ be found with `sed -n ROWp SOURCE`. `error` holds a parse-level rejection reason
 UTF-8, is empty, is not JSON, or cannot be split) and `error_detail` what exactly is wrong with it;
 field-level checks happen later in `validate.py`. Everything stays a string here: types are
 checked in one place, with reasons.
+
+The inter_json layout (LC-Rec, LETTER, P5) is two files that are each one JSON object, not lines,
+so there `row` counts entries in the file's order: in `<name>.inter.json` the 1-based ordinal of
+the (user, position) pair, the users' lists laid end to end (a user whose value is not a non-empty
+list takes one row), and in `<name>.item.json` the 1-based ordinal of the item entry. `raw` is a
+small JSON text naming the place: {"user": "12", "position": 3, "item": "45"} (position 1 is the
+user's oldest item), {"item": "45", "entry": "<the entry's JSON text>"}. The layout has no
+timestamps: `ts_raw` is 2000-01-01T00:00:00Z plus the position in seconds, which orders each
+user's events exactly and says nothing about time across users.
 """
 from __future__ import annotations
 
@@ -16,13 +25,14 @@ import csv
 import importlib.metadata
 import io
 import json
+import re
 from pathlib import Path
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType
 
-from gensar_core.config import AmazonSource, GenericSource, KuaiSARSource, MovieLensSource
+from gensar_core.config import AmazonSource, GenericSource, InterJsonSource, KuaiSARSource, MovieLensSource
 
 EVENT_COLUMNS = ["source", "row", "user_id", "item_id", "ts_raw", "behavior", "query",
                  "session_id", "rating", "error", "error_detail", "raw"]
@@ -460,10 +470,137 @@ def read_generic(spark: SparkSession, src: GenericSource) -> tuple[DataFrame, Da
     return events, items, None
 
 
+# ----------------------------------------------------------------------------- inter_json (LC-Rec, LETTER, P5)
+# each user's position p (1 = oldest) becomes this epoch + p seconds: 2000-01-01 is before any run
+# date, and the same for every user, so only a user's own order means anything
+ORDER_EPOCH = 946684800
+_ITEM_ENTRY_SCHEMA = "title string, description string, brand string, categories string"
+_JSON_TYPE_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number",
+                    bool: "true or false", type(None): "null"}
+
+
+def _not_one_object(path: Path) -> str:
+    """Why a file is not one JSON object, in Python's words. Runs only after Spark found that it
+    is not, so the whole file is parsed in Python on an error path only."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"invalid UTF-8 byte 0x{data[e.start]:02X} at byte offset {e.start}"
+    if not text.strip():
+        return "the file is empty"
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return json_problem(text)
+    if not isinstance(value, dict):
+        return f"{_JSON_TYPE_NAMES.get(type(value), 'a JSON value')}, not an object"
+    return json_problem(text)  # a repeated key, or a value beyond Spark's limits
+
+
+def _object_entries(spark: SparkSession, path: str | Path, what: str) -> DataFrame:
+    """source, entry (0-based, in the file's order), key, value (the value's JSON text; a string
+    value arrives unquoted, null as null) of a file that must be one JSON object.
+
+    Anything else is an IngestError naming the file and the parser's reason: the file's
+    structure is not a row-level problem, and no row of it could be trusted.
+    """
+    files = list_files(path, what)
+    if len(files) != 1:
+        raise IngestError(f"{what} input {path} must be one JSON file, found {len(files)} files")
+    file = files[0]
+    df = spark.read.text(str(file), wholetext=True)
+    # from_json reads the first value and ignores what follows it: inside [ ] anything after the
+    # object is a parse error and a second value a second element, so both are caught
+    wrapped = F.from_json(F.concat(F.lit("["), "value", F.lit("]")), "array<map<string,string>>")
+    # the parsed map keeps a repeated key twice: a repeated user would interleave two lists
+    check = df.select(F.is_valid_utf8("value").alias("utf8"), F.size(wrapped).alias("values"),
+                      F.size(wrapped[0]).alias("entries"),
+                      F.size(F.array_distinct(F.map_keys(wrapped[0]))).alias("keys"))
+    found = check.collect()  # an empty file has no row at all
+    if not (found and found[0]["utf8"] and found[0]["values"] == 1
+            and found[0]["entries"] == found[0]["keys"]):
+        raise IngestError(f"{what} input {file} is not one JSON object: {_not_one_object(file)}")
+    return df.select(
+        F.regexp_replace(F.input_file_name(), "^file:(//)?", "").alias("source"),
+        F.posexplode(wrapped[0]).alias("entry", "key", "value"),
+    )
+
+
+def _integer_id(col: str) -> tuple[F.Column, F.Column]:
+    """(is an integer id, its canonical text): '045', 45 and "45" are all item 45."""
+    text = F.trim(F.col(col))
+    ok = text.rlike("^[0-9]+$") & text.try_cast("long").isNotNull()
+    return ok, F.when(ok, text.try_cast("long").cast("string"))
+
+
+def _inter_json_events(spark: SparkSession, src: InterJsonSource) -> DataFrame:
+    users = _object_entries(spark, src.inter, "inter_json interactions")
+    # a string value arrives unquoted: '"[1, 2]"' reads as a list, a harmless leniency
+    users = users.withColumn("_ids", F.from_json("value", "array<string>"))
+    # a user whose value is not a non-empty list still takes one row, so it is counted and quarantined
+    n_rows = F.greatest(F.coalesce(F.size("_ids"), F.lit(1)), F.lit(1))
+    before = Window.partitionBy("source").orderBy("entry").rowsBetween(Window.unboundedPreceding, -1)
+    users = users.withColumn("_first_row", F.coalesce(F.sum(n_rows).over(before), F.lit(0)) + 1)
+    rows = users.select("*", F.posexplode_outer("_ids").alias("_pos", "_item"))
+    ok, item_id = _integer_id("_item")
+    position = F.col("_pos") + 1
+    where = F.format_string('user "%s" position %d', F.col("key"), position)
+    error = (F.when(F.col("value").isNull(), F.lit("missing_field"))
+             .when(F.col("_ids").isNull(), F.lit("wrong_type"))
+             .when(F.size("_ids") == 0, F.lit("missing_field"))
+             .when(F.col("_item").isNull(), F.lit("missing_field"))
+             .when(~ok, F.lit("wrong_type")))
+    detail = (F.when(F.col("value").isNull(), F.format_string('user "%s": null, not a list of item ids', "key"))
+              .when(F.col("_ids").isNull(), F.format_string('user "%s": the value is not a list of item ids', "key"))
+              .when(F.size("_ids") == 0, F.format_string('user "%s": an empty list of item ids', "key"))
+              .when(F.col("_item").isNull(), F.concat(where, F.lit(": the item id is null")))
+              .when(~ok, F.format_string('%s: "%s" is not an integer item id', where, F.col("_item"))))
+    raw = F.to_json(F.struct(F.col("key").alias("user"), position.alias("position"), F.col("_item").alias("item"),
+                             F.when(F.col("_ids").isNull(), F.col("value")).alias("value")))
+    return rows.select(
+        "source", (F.col("_first_row") + F.coalesce("_pos", F.lit(0))).alias("row"),
+        _clean("key").alias("user_id"), item_id.alias("item_id"),
+        (F.lit(ORDER_EPOCH) + position).cast("string").alias("ts_raw"), F.lit("rec").alias("behavior"),
+        _null().alias("query"), _null().alias("session_id"), _null().alias("rating"),
+        error.alias("error"), detail.alias("error_detail"), raw.alias("raw"),
+    )
+
+
+def _inter_json_items(spark: SparkSession, src: InterJsonSource) -> DataFrame:
+    entries = _object_entries(spark, src.items, "inter_json items")
+    ok, item_id = _integer_id("key")
+    # Spark hands an object value back as its compact JSON text, so it starts with '{'
+    is_object = F.startswith("value", F.lit("{"))
+    j = F.from_json("value", _ITEM_ENTRY_SCHEMA)
+    title, brand, desc = _clean(j["title"]), _clean(j["brand"]), _clean(j["description"])
+    path = F.split(F.coalesce(j["categories"], F.lit("")), re.escape(src.categories_sep))
+    categories = F.filter(F.transform(path, lambda c: F.trim(c)), lambda c: c != "")
+    error = (F.when(~ok, F.lit("wrong_type"))
+             .when(F.col("value").isNull(), F.lit("missing_field"))
+             .when(~is_object, F.lit("wrong_type")))
+    detail = (F.when(~ok, F.format_string('item key "%s" is not an integer', "key"))
+              .when(F.col("value").isNull(), F.format_string('item "%s": null, not an object', "key"))
+              .when(~is_object, F.format_string('item "%s": the entry is not an object', "key")))
+    return entries.select(
+        "source", (F.col("entry") + 1).alias("row"), item_id.alias("item_id"),
+        F.when(is_object, title).alias("title"),
+        F.when(is_object, _text_of(title, brand, desc)).alias("text"),
+        F.when(is_object, categories).otherwise(F.array().cast("array<string>")).alias("categories"),
+        error.alias("error"), detail.alias("error_detail"),
+        F.to_json(F.struct(F.col("key").alias("item"), F.col("value").alias("entry"))).alias("raw"),
+    )
+
+
+def read_inter_json(spark: SparkSession, src: InterJsonSource) -> tuple[DataFrame, DataFrame, None]:
+    """Raw events and items of the LC-Rec/LETTER/P5 JSON layout (module docstring: rows and times)."""
+    return _inter_json_events(spark, src), _inter_json_items(spark, src), None
+
+
 def read_source(spark: SparkSession, source) -> tuple[DataFrame, DataFrame, DataFrame | None]:
     """(raw events, raw items, raw query annotations or None) for any configured source."""
     readers = {"movielens": read_movielens, "amazon": read_amazon,
-               "kuaisar": read_kuaisar, "generic": read_generic}
+               "kuaisar": read_kuaisar, "generic": read_generic, "inter_json": read_inter_json}
     events, items, queries = readers[source.kind](spark, source)
     return (events.select(*EVENT_COLUMNS), items.select(*ITEM_COLUMNS),
             queries.select(*QUERY_COLUMNS) if queries is not None else None)

@@ -57,8 +57,10 @@ def with_reason(df: DataFrame, checks: list[tuple[Column, str, str]]) -> DataFra
 def reject_where(df: DataFrame, failed: Column, reason: str, detail: str) -> DataFrame:
     """Reject the rows not yet rejected for which `failed` holds."""
     hit = F.col("reason").isNull() & failed
-    return (df.withColumn("reason", F.when(hit, F.lit(reason)).otherwise(F.col("reason")))
-              .withColumn("detail", F.when(hit, F.lit(detail)).otherwise(F.col("detail"))))
+    # both from the incoming columns: set one after the other, `hit` would read the new reason
+    # and leave every such row's detail null
+    return df.withColumns({"reason": F.when(hit, F.lit(reason)).otherwise(F.col("reason")),
+                           "detail": F.when(hit, F.lit(detail)).otherwise(F.col("detail"))})
 
 
 def keep_first(df: DataFrame, keys: list[str], reason: str, detail: str) -> DataFrame:

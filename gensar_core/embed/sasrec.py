@@ -4,6 +4,11 @@ Item ids inside the model are item_idx + 1; 0 is padding. Sequences are left-pad
 recent item always sits in the last position. One item table serves as input embedding and as
 output layer (scores are dot products with it), so its rows are the collaborative item vectors.
 
+With `query_dim` > 0 the model also reads queries (the query-aware search baseline,
+baselines/tuning.py): the input at each position adds a projection of the vector of the query that
+led to the *next* event (zeros where the next event is a recommendation), so the output there
+predicts the next item knowing what the user searched for.
+
 Saved as `model.safetensors` + `config.json` (no pickle), read back with `load_sasrec`.
 """
 from __future__ import annotations
@@ -30,6 +35,7 @@ class SASRecConfig:
     heads: int = 2
     max_len: int = 50
     dropout: float = 0.2
+    query_dim: int = 0  # > 0: the query-aware variant (see the module docstring)
 
 
 class CausalSelfAttention(nn.Module):
@@ -78,6 +84,7 @@ class SASRec(nn.Module):
             Block(config.dim, config.heads, config.dropout) for _ in range(config.layers)
         )
         self.norm = nn.LayerNorm(config.dim)
+        self.query_proj = nn.Linear(config.query_dim, config.dim) if config.query_dim else None
         self.apply(self._init)
 
     @staticmethod
@@ -95,11 +102,19 @@ class SASRec(nn.Module):
     def device(self) -> torch.device:
         return self.item_emb.weight.device
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """(B, L) model ids, left-padded -> (B, L, dim) hidden state after each position."""
+    def forward(self, seq: torch.Tensor, next_query: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L) model ids, left-padded -> (B, L, dim) hidden state after each position.
+        `next_query`: the query of the event after each position, (B, L, query_dim) vectors, or
+        (B, L, dim) already passed through `query_proj` (training gathers projected rows of its
+        query table: the same sum, without a (B, L, query_dim) tensor per batch)."""
         b, n = seq.shape
         real = seq != PAD
         x = self.item_emb(seq) + self.pos_emb(torch.arange(n, device=seq.device))
+        if self.query_proj is not None:
+            if next_query is None:
+                next_query = torch.zeros(b, n, self.config.query_dim, device=seq.device)
+            x = x + (next_query if next_query.shape[-1] == self.config.dim and self.config.dim != self.config.query_dim
+                     else self.query_proj(next_query))
         x = self.drop(x) * real[..., None]
         # position i sees real positions j <= i; a padding position sees only itself, so no
         # row of the attention is empty (an empty row would give NaN)
@@ -129,19 +144,36 @@ class SASRec(nn.Module):
                 out[row, n - len(tail):] = torch.tensor(tail)
         return out
 
+    def encode_next_queries(self, next_queries: Sequence[np.ndarray]) -> torch.Tensor:
+        """Per history, (len(history), query_dim) vectors of the query after each item (the last
+        row: the query being answered, zeros for a recommendation) -> (B, max_len, query_dim),
+        aligned with `encode_histories`."""
+        n = self.config.max_len
+        out = torch.zeros(len(next_queries), n, self.config.query_dim)
+        for row, vectors in enumerate(next_queries):
+            tail = np.asarray(vectors, dtype=np.float32)[-n:]
+            if len(tail):
+                out[row, n - len(tail):] = torch.from_numpy(tail)
+        return out
+
     @torch.no_grad()
-    def score(self, histories: Sequence[Sequence[int]], batch_size: int = 512) -> np.ndarray:
+    def score(self, histories: Sequence[Sequence[int]], batch_size: int = 512,
+              next_queries: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
         """Next-item scores: (B, N) float32 for histories of item_idx (oldest first).
 
         Only the last `max_len` items of each history are used; an empty history is allowed.
-        Nothing is masked: callers exclude already-seen items themselves.
+        Nothing is masked: callers exclude already-seen items themselves. `next_queries`: for a
+        query-aware model, see `encode_next_queries` (None: no queries).
         """
         was_training = self.training
         self.eval()
         parts = []
         for start in range(0, len(histories), batch_size):
             seq = self.encode_histories(histories[start:start + batch_size]).to(self.device)
-            parts.append(self.logits(self(seq)[:, -1]).float().cpu().numpy())
+            queries = None
+            if next_queries is not None and self.query_proj is not None:
+                queries = self.encode_next_queries(next_queries[start:start + batch_size]).to(self.device)
+            parts.append(self.logits(self(seq, queries)[:, -1]).float().cpu().numpy())
         self.train(was_training)
         if not parts:
             return np.zeros((0, self.config.num_items), dtype=np.float32)
@@ -163,3 +195,16 @@ def load_sasrec(folder: str | Path, device: Optional[str] = None) -> SASRec:
     model = SASRec(config)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.to(device or "cpu").eval()
+
+
+def baseline_dir(warehouse: str | Path, name: str) -> Path:
+    """Where tune_baselines keeps a tuned baseline's models: one `seed-<S>` folder each."""
+    return Path(warehouse) / "models" / "baselines" / name
+
+
+def load_tuned(warehouse: str | Path, name: str, seeds: Sequence[int]) -> list[SASRec]:
+    """The tuned models of `name` at `seeds` (all present), or [] when the baseline was not tuned."""
+    folders = [baseline_dir(warehouse, name) / f"seed-{s}" for s in seeds]
+    if not all((f / "config.json").exists() for f in folders):
+        return []
+    return [load_sasrec(f) for f in folders]

@@ -32,7 +32,7 @@ import pandas as pd
 
 from gensar_core.config import PipelineConfig
 from gensar_core.embed.collaborative import running_histories, user_sequences
-from gensar_core.embed.sasrec import load_sasrec
+from gensar_core.embed.sasrec import load_sasrec, load_tuned
 from gensar_core.embed.semantic import encode_texts, item_text
 from gensar_core.embed.vectors import read_vectors
 from gensar_core.evaluate.text_index import BM25Index
@@ -127,9 +127,29 @@ class EvalContext:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
+    def tuned(self, name: str) -> list:
+        """The models `tune_baselines` wrote for `name` at the config's train seeds ([] if none)."""
+        key = ("tuned", name)
+        if key not in self.cache:
+            seeds = list(dict.fromkeys([self.cfg.seed, *self.cfg.train.ensemble_seeds]))
+            models = load_tuned(self.cfg.warehouse, name, seeds)
+            for model in models:
+                if model.config.num_items != self.n_items:
+                    raise ValueError(f"models/baselines/{name} scores {model.config.num_items} items, "
+                                     f"the catalogue has {self.n_items}: run tune_baselines again")
+            self.cache[key] = models
+        return self.cache[key]
+
+    @property
+    def sasrec_tuned(self) -> bool:
+        return bool(self.tuned("sasrec"))
+
     @cached_property
     def sasrec(self):
-        """The SASRec checkpoint of embed_collaborative (features/sasrec), on CPU, eval mode."""
+        """One SASRec, on CPU, eval mode: the tuned one at the config's seed when tune_baselines
+        has run, else the checkpoint of embed_collaborative (features/sasrec)."""
+        if self.sasrec_tuned:
+            return self.tuned("sasrec")[0]
         path = self.wh.path("features", "sasrec")
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} does not exist: run the embed_collaborative step first")

@@ -10,11 +10,16 @@ report whole). `results` is what `run_evaluate` builds:
      "seed_groups": {model: [rows]}, "seed_summary": {model: {protocol: {task: {metric: stats}}}}}
 
 (the last two only when `evaluate.seeds` retrains some models at more seeds).
+
+The register step, which runs after evaluate, later puts its gate decision above the report's
+title (`write_gate_note`).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,7 +29,7 @@ from gensar_core import tracking
 from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.metrics import metric_names, paired_bootstrap
 from gensar_core.evaluate.protocols import PROTOCOL_LABELS, PROTOCOLS, TASKS
-from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic
+from gensar_core.storage import STAGING, Warehouse, atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +280,41 @@ def write_report(cfg: PipelineConfig, results: dict, name: str) -> dict:
         write_json_atomic(stage / "metrics.json", json.loads(json.dumps(results, default=str)))
         plot_tradeoff(results, stage / "tradeoff.png")
     return {"dir": str(target), **{f: str(target / f) for f in FILES}}
+
+
+# ---------------------------------------------------------------- the registry gate's decision
+REPORT_TITLE = "# Evaluation report"
+
+
+def gate_note(gate: dict) -> str:
+    """The lines the register step puts above the report's title: the decision and its reason
+    first ('Not promoted: loses to <baseline> on <task> by X [lo, hi]'), then the paired numbers.
+    `gate`: registry.register's result with the gate's split and case count."""
+    lines = [f"**Registry gate** ({gate['model_name']} version {gate['version']}, "
+             f"alias {'champion' if gate['promoted'] else 'challenger'}): {gate['reason']}.", ""]
+    if gate.get("baselines"):
+        lines += [f"The gate's cases ({gate['split']} split, full-catalogue ranking, at most "
+                  f"{gate['max_cases'] or 'all'} a task), paired with the best baseline of each task "
+                  f"(difference and 95% interval): "
+                  + "; ".join(f"{TASK_LABELS[t].lower()} {p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] "
+                              f"{p['metric']} vs {p['against']}" for t, p in gate["baselines"].items()) + ".", ""]
+    return "\n".join(lines + ["---", ""])
+
+
+def with_gate_note(markdown: str, note: str) -> str:
+    """`markdown` with `note` as its first lines; whatever stood above the title (the note of an
+    earlier try of the register step) is replaced, so a retry does not stack notes."""
+    start = markdown.find(REPORT_TITLE)
+    return note + "\n" + (markdown[start:] if start >= 0 else markdown)
+
+
+def write_gate_note(path: str | Path, gate: dict) -> None:
+    """Put the gate's note at the top of report.md at `path`, atomically (a reader sees the old
+    report or the new one, never half of it)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}{STAGING}{uuid.uuid4().hex[:8]}")
+    tmp.write_text(with_gate_note(path.read_text(), gate_note(gate)))
+    os.replace(tmp, path)
 
 
 def flat_metrics(results: dict) -> dict[str, float]:

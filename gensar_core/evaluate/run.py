@@ -21,6 +21,13 @@ from gensar_core.evaluate.report import (log_to_mlflow, paired_against, paired_a
 log = logging.getLogger(__name__)
 
 
+def baseline_rankers(ctx: EvalContext) -> dict[str, Ranker]:
+    """{name: ranker} of the baselines the evaluate step runs: the one place that set comes from,
+    so the registry gate (registry.gate_evaluation) compares a new model with exactly the
+    baselines of the report, whatever is added to them."""
+    return dict(build_baselines(ctx))
+
+
 def report_name(cfg: PipelineConfig) -> str:
     ecfg = cfg.evaluate
     return ecfg.report_name or f"eval-{ecfg.split}" + (f"-{cfg.ds}" if cfg.ds else "")
@@ -36,7 +43,7 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
     started = time.perf_counter()
     ecfg = cfg.evaluate
     ctx = ctx or EvalContext(cfg)
-    rankers: dict[str, Ranker] = dict(build_baselines(ctx))
+    rankers: dict[str, Ranker] = baseline_rankers(ctx)
     baselines = list(rankers)
     for name, ranker in (extra_rankers or {}).items():
         if name in rankers:
@@ -46,11 +53,15 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
         rankers[name] = ranker
 
     cases = {task: len(ctx.cases(ecfg.split, task)) for task in TASKS}
-    methods, descriptions, info, per_case = {}, {}, {}, {}
+    methods, descriptions, info, per_case, timing = {}, {}, {}, {}, {}
     for name, ranker in rankers.items():
         t0 = time.perf_counter()
         per_case[name] = {}
         methods[name] = evaluate_ranker(ranker, cfg, ecfg.split, ctx=ctx, per_case=per_case[name])
+        # wall time over every case ranked (each protocol and task): a cost to put beside quality
+        ranked = sum(len(scores) for scores in per_case[name].values())
+        timing[name] = {"seconds": round(time.perf_counter() - t0, 2), "cases_ranked": ranked,
+                        "ms_per_case": round(1000 * (time.perf_counter() - t0) / max(ranked, 1), 3)}
         descriptions[name] = getattr(ranker, "description", "") or type(ranker).__name__
         info[name] = ranker.info() if hasattr(ranker, "info") else {}
         log.info("evaluate %s: %.1fs %s", name, time.perf_counter() - t0,
@@ -61,6 +72,7 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
         "methods": methods,
         "descriptions": descriptions,
         "info": info,
+        "timing": timing,
         "meta": {
             "name": name, "split": ecfg.split, "cases": cases, "protocols": list(ecfg.protocols),
             "ks": sorted(set(ecfg.ks)), "num_candidates": ecfg.num_candidates,
@@ -74,6 +86,14 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
     if "gensar" in per_case:
         results["paired_headline"] = paired_against(per_case, {task: "gensar" for task in TASKS}, skip=baselines,
                                                     seed=cfg.seed)
+    if ecfg.compare:
+        missing = [m for pair in ecfg.compare for m in pair if m not in per_case]
+        if missing:
+            raise ValueError(f"evaluate.compare names {sorted(set(missing))}, which this evaluation does not rank")
+        results["compare"] = {
+            f"{method} vs {against}": paired_against({method: per_case[method], against: per_case[against]},
+                                                     {t: against for t in TASKS}, seed=cfg.seed).get(method, {})
+            for method, against in ecfg.compare}
     groups = seed_groups(ecfg.seeds, list(methods))
     if groups:
         results.update(seed_groups=groups, seed_summary=seed_summary(methods, groups))

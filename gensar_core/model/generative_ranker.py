@@ -136,6 +136,12 @@ class GenerativeRanker:
             self.sequences[task] = full_sequences(ids[column].tolist(), self.tokenizer)
             self.prefix[task] = torch.tensor(self.tokenizer.convert_tokens_to_ids([behaviour]), device=self.device)
         self._row_of = {int(i): r for r, i in enumerate(self.item_idx)}
+        self.folders = [] if isinstance(model_dir, Backbone) else [str(model_dir), *map(str, members)]
+
+    def info(self) -> dict:
+        """What the report records beside the scores: the model folders and their size."""
+        return {"model_dirs": self.folders, "models": len(self.models), "prompt_lengths": list(self.views),
+                "parameters": int(sum(p.numel() for m in self.models for p in m.parameters()))}
 
     def member(self, folder: Path, device: Optional[str]):
         """An ensemble member's model; it must read and write the same tokens as the model."""
