@@ -483,8 +483,8 @@ class SASRecSweepConfig(_Strict):
     grid: dict[Literal["lr", "dropout", "dim", "layers", "max_len", "heads", "batch_size", "weight_decay"],
                list[float]] = {"lr": [1e-3, 3e-3], "dropout": [0.2, 0.5], "dim": [64, 128],
                                "layers": [2, 1], "max_len": [50, 100, 200]}
-    settings: int = Field(10, ge=1)
-    max_epochs: int = Field(100, ge=1)
+    settings: int = Field(8, ge=1)
+    max_epochs: int = Field(80, ge=1)
     patience: int = Field(5, ge=1)  # epochs without a better valid NDCG@10 before stopping
 
     @field_validator("grid")

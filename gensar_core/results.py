@@ -14,6 +14,7 @@ NDCG@10 (at least 1.1). A goal that is missed is reported with its ratio, never 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -171,8 +172,6 @@ def write_results(warehouses: dict[str, str | Path], out_dir: str | Path = "docs
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    import argparse
-
     p = argparse.ArgumentParser(description="docs/results.{json,md} from each dataset's warehouse")
     p.add_argument("datasets", nargs="+", metavar="KEY=WAREHOUSE")
     p.add_argument("--out", default="docs")

@@ -4,11 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from gensar_core.baselines import BASELINES, build_baselines
-from gensar_core.baselines.tuning import SASRecSettings, sweep_settings, tune_one
+from gensar_core.baselines.tuning import SASRecSettings, length_batches, sweep_settings, tune_one
 from gensar_core.config import PipelineConfig, SASRecSweepConfig
-from gensar_core.embed.sasrec import baseline_dir
+from gensar_core.embed.collaborative import training_windows
+from gensar_core.embed.sasrec import SASRec, SASRecConfig, baseline_dir
 from gensar_core.evaluate.context import EvalContext
 from gensar_core.evaluate.run import run_evaluate
 from gensar_core.results import goals, write_results
@@ -69,6 +71,8 @@ def test_tuned_models_become_the_evaluation_baselines(tuned):
     rankers = build_baselines(ctx, BASELINES)
     assert ctx.sasrec_tuned and rankers["sasrec"].models[0] is ctx.tuned("sasrec")[0]
     assert len(rankers["sasrec-x3"].models) == 3 and "tuned on valid" in rankers["sasrec"].description
+    # the ensemble's members alone give SASRec's seed spread
+    assert [rankers[f"sasrec@seed{s}"].models for s in (4, 5)] == [[m] for m in ctx.tuned("sasrec")[1:]]
     cases = ctx.cases("test", "search")
     x3 = rankers["sasrec-x3"].score(cases, "search")
     one = [m.score([list(s) for s in cases["seq"]]) for m in ctx.tuned("sasrec")]
@@ -107,6 +111,8 @@ def test_results_publish_the_report_with_costs_sweeps_and_goals(tuned, tmp_path)
     assert len(toy["sweeps"]["sasrec"]) == 3 and len(toy["sweeps"]["query-sasrec"]) == 2
     assert {"top_n", "alpha"} == set(toy["sweeps"]["bm25+sasrec"][0]["settings"])
     assert set(toy["paired"]["sasrec vs sasrec-x3"]) == {"rec", "search"}
+    assert toy["seed_spread"]["sasrec"]["full"]["rec"]["NDCG@10"]["n"] == 3
+    assert not any("@seed" in name for name in toy["methods"])
     # without a generative model no goal can be reached, and the report says so
     assert [g["reached"] for g in toy["goals"]] == [False, False, False]
     md = (tmp_path / "results.md").read_text()
@@ -121,3 +127,19 @@ def test_goals_are_ratios_of_the_test_numbers():
     assert (rec_one["ratio"], rec_one["reached"]) == (1.1, True)
     assert (rec_three["ratio"], rec_three["reached"]) == (1.0, False)
     assert "query-sasrec" in search["goal"] and search["ratio"] == round(0.66 / 0.62, 3) and not search["reached"]
+
+
+def test_length_batches_cut_padding_without_changing_what_the_model_computes():
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(0, 30, size=n)) for n in rng.integers(2, 40, size=50)]
+    windows = training_windows(seqs, 16, rng)
+    batches = length_batches(windows, 8, rng)
+    assert sum(len(b) for b in batches) == len(windows)
+    assert sorted(map(tuple, np.concatenate([np.pad(b.numpy(), ((0, 0), (17 - b.shape[1], 0))) for b in batches]))) \
+        == sorted(map(tuple, windows))
+    assert all((b[:, 0] != 0).any() for b in batches)  # each cut to its longest window
+    model = SASRec(SASRecConfig(num_items=30, dim=16, max_len=16, dropout=0.0)).eval()
+    short = next(b for b in batches if b.shape[1] < 17)[:, :-1]
+    full = torch.nn.functional.pad(short, (16 - short.shape[1], 0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(short)[:, -1], model(full)[:, -1], rtol=1e-4, atol=1e-5)

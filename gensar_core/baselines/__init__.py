@@ -2,7 +2,8 @@
 
     popularity    train clicks                                   (popularity.py)
     sasrec        SASRec over the full interleaved sequence      (sasrec.py; tuned: tuning.py)
-    sasrec-x3     the tuned SASRec at three seeds, averaged      (needs tune_baselines)
+    sasrec-x3     the tuned SASRec at three seeds, averaged      (needs tune_baselines; with it
+                  each other seed's model alone, 'sasrec@seed<S>', for the seed spread)
     query-sasrec  SASRec that also reads the query               (needs tune_baselines)
     bm25          BM25 over item text                            (bm25.py)
     dense         MiniLM query / history-mean vs item vectors    (dense.py)
@@ -18,6 +19,7 @@ from gensar_core.baselines.dense import DenseRanker
 from gensar_core.baselines.popularity import PopularityRanker
 from gensar_core.baselines.sasrec import SASRecRanker
 from gensar_core.baselines.two_stage import TwoStageRanker
+from gensar_core.evaluate.report import seed_row
 
 BASELINES = ("popularity", "sasrec", "sasrec-x3", "query-sasrec", "bm25", "dense", "bm25+sasrec", "dense+sasrec")
 TUNED_ONLY = ("sasrec-x3", "query-sasrec")
@@ -60,6 +62,10 @@ def build_baselines(ctx, names: Optional[Sequence[str]] = None) -> dict:
             out[name] = TwoStageRanker(ctx, get(first), get(second), name=name)
         else:
             out[name] = get(name)
+        if name == "sasrec-x3":  # its members alone: SASRec's seed spread beside the generative model's
+            seeds = list(dict.fromkeys([ctx.cfg.seed, *ctx.cfg.train.ensemble_seeds]))
+            for seed, model in list(zip(seeds, ctx.tuned("sasrec")))[1:]:
+                out[seed_row("sasrec", seed)] = SASRecRanker(ctx, [model], seed_row("sasrec", seed))
     # load what each needs now, so a missing input fails before any evaluation runs
     if any(n in names for n in ("sasrec", "bm25+sasrec", "dense+sasrec")):
         ctx.sasrec

@@ -109,7 +109,9 @@ class SASRec(nn.Module):
         query table: the same sum, without a (B, L, query_dim) tensor per batch)."""
         b, n = seq.shape
         real = seq != PAD
-        x = self.item_emb(seq) + self.pos_emb(torch.arange(n, device=seq.device))
+        # a batch cut to its longest history (left padding) keeps the positions of the full window
+        x = self.item_emb(seq) + self.pos_emb(torch.arange(self.config.max_len - n, self.config.max_len,
+                                                           device=seq.device))
         if self.query_proj is not None:
             if next_query is None:
                 next_query = torch.zeros(b, n, self.config.query_dim, device=seq.device)

@@ -94,7 +94,10 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
             f"{method} vs {against}": paired_against({method: per_case[method], against: per_case[against]},
                                                      {t: against for t in TASKS}, seed=cfg.seed).get(method, {})
             for method, against in ecfg.compare}
-    groups = seed_groups(ecfg.seeds, list(methods))
+    seeds = dict(ecfg.seeds)
+    if "sasrec-x3" in rankers:  # build_baselines adds its members alone as 'sasrec@seed<S>' rows
+        seeds["sasrec"] = list(cfg.train.ensemble_seeds)
+    groups = seed_groups(seeds, list(methods))
     if groups:
         results.update(seed_groups=groups, seed_summary=seed_summary(methods, groups))
     paths = write_report(cfg, results, name)
