@@ -143,3 +143,13 @@ def test_length_batches_cut_padding_without_changing_what_the_model_computes():
     full = torch.nn.functional.pad(short, (16 - short.shape[1], 0))
     with torch.no_grad():
         torch.testing.assert_close(model(short)[:, -1], model(full)[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_early_stopping_reads_a_seeded_draw_of_the_valid_cases():
+    from gensar_core.baselines.tuning import ValidCases, draw
+
+    valid = ValidCases([[i] for i in range(10)], None, np.arange(10) + 100, [np.array([i]) for i in range(10)])
+    some = draw(valid, 4, seed=1)
+    assert len(some.targets) == 4 and some.targets.tolist() == [h[0] + 100 for h in some.histories]
+    assert draw(valid, 4, seed=1).targets.tolist() == some.targets.tolist()
+    assert draw(valid, None, seed=1) is valid and draw(valid, 10, seed=1) is valid

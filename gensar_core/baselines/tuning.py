@@ -7,8 +7,10 @@ sweep trains with the same recipe:
   at `max_epochs` (model/training.py `lr_at`), and the generative model's precision rule
   (`train.mixed_precision`: bf16 on a CPU that computes it in hardware, about 1.5x faster here);
 - validation after every epoch on the valid split's cases (every event before the case as input,
-  the user's earlier items excluded, full catalogue), early stopping after `patience` epochs
-  without a better NDCG@10, the best epoch's weights kept.
+  the user's earlier items excluded, full catalogue; a seeded draw of `early_stop_cases`), early
+  stopping after `patience` epochs without a better NDCG@10, the best epoch's weights kept.
+
+The sweep's rows and its choice are scored on every valid case.
 
 The sweep's best setting by valid NDCG@10 (recommendation for SASRec, search for the query-aware
 model) is then trained at the other seeds (`train.ensemble_seeds`), the same seeds the generative
@@ -143,6 +145,16 @@ def valid_cases(ctx: EvalContext, task: str, with_queries: bool) -> ValidCases:
                       cases["target"].to_numpy(), list(cases["exclude"]))
 
 
+def draw(valid: ValidCases, n: Optional[int], seed: int) -> ValidCases:
+    """A seeded draw of `n` of the cases (all when `n` is None or not smaller)."""
+    if n is None or len(valid.targets) <= n:
+        return valid
+    rows = np.sort(np.random.default_rng([seed, 29]).choice(len(valid.targets), n, replace=False))
+    return ValidCases([valid.histories[i] for i in rows],
+                      None if valid.next_queries is None else [valid.next_queries[i] for i in rows],
+                      valid.targets[rows], [valid.exclude[i] for i in rows])
+
+
 def valid_ndcg(model: SASRec, valid: ValidCases) -> float:
     if not len(valid.targets):
         return 0.0
@@ -236,6 +248,9 @@ def tune_one(ctx: EvalContext, name: str, progress: bool = True) -> dict:
     events = train_events(ctx, query_aware)
     valid = {task: valid_cases(ctx, task, query_aware) for task in ("rec", "search")}
     select = SELECT_TASK[name]
+    # early stopping reads a draw of the valid cases (each epoch scores them all); the sweep's
+    # choice reads every one
+    stopping = draw(valid[select], sweep.early_stop_cases, cfg.seed)
     grid = sweep_settings(sweep, cfg.seed)
     if query_aware and cfg.baselines.query_sasrec_from_sasrec:
         chosen = baseline_dir(cfg.warehouse, SASREC) / "sweep.json"
@@ -246,10 +261,10 @@ def tune_one(ctx: EvalContext, name: str, progress: bool = True) -> dict:
     rows = []
     for i, settings in enumerate(grid, 1):
         log.info("%s: setting %d of %d: %s", name, i, len(grid), settings)
-        model, trace = fit_sasrec(events, valid[select], ctx.n_items, settings, sweep, cfg.seed, query_aware, progress,
+        model, trace = fit_sasrec(events, stopping, ctx.n_items, settings, sweep, cfg.seed, query_aware, progress,
                                   cfg.train.mixed_precision)
         other = "search" if select == "rec" else "rec"
-        rows.append({"settings": asdict(settings), f"valid_{select}_ndcg10": trace["valid_ndcg10"],
+        rows.append({"settings": asdict(settings), f"valid_{select}_ndcg10": round(valid_ndcg(model, valid[select]), 5),
                      f"valid_{other}_ndcg10": round(valid_ndcg(model, valid[other]), 5),
                      "best_epoch": trace["best_epoch"], "epochs": trace["epochs"], "seconds": trace["seconds"],
                      "parameters": parameter_count(model)})
@@ -260,7 +275,7 @@ def tune_one(ctx: EvalContext, name: str, progress: bool = True) -> dict:
     trained = {}
     with atomic_dir(baseline_dir(cfg.warehouse, name)) as stage:
         for seed in seeds:
-            model, trace = fit_sasrec(events, valid[select], ctx.n_items, settings, sweep, seed, query_aware, progress,
+            model, trace = fit_sasrec(events, stopping, ctx.n_items, settings, sweep, seed, query_aware, progress,
                                       cfg.train.mixed_precision)
             save_sasrec(model, stage / f"seed-{seed}")
             trained[seed] = {**trace, "parameters": parameter_count(model)}
