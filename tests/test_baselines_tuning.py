@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gensar_core.baselines import BASELINES, build_baselines
-from gensar_core.baselines.tuning import SASRecSettings, length_batches, sweep_settings, tune_one
+from gensar_core.baselines.tuning import (SASRecSettings, ValidCases, draw, length_batches, sweep_settings,
+                                         tune_one)
 from gensar_core.config import PipelineConfig, SASRecSweepConfig
 from gensar_core.embed.collaborative import training_windows
 from gensar_core.embed.sasrec import SASRec, SASRecConfig, baseline_dir
@@ -146,8 +147,6 @@ def test_length_batches_cut_padding_without_changing_what_the_model_computes():
 
 
 def test_early_stopping_reads_a_seeded_draw_of_the_valid_cases():
-    from gensar_core.baselines.tuning import ValidCases, draw
-
     valid = ValidCases([[i] for i in range(10)], None, np.arange(10) + 100, [np.array([i]) for i in range(10)])
     some = draw(valid, 4, seed=1)
     assert len(some.targets) == 4 and some.targets.tolist() == [h[0] + 100 for h in some.histories]
