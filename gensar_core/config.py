@@ -485,7 +485,10 @@ class SASRecSweepConfig(_Strict):
                                "layers": [2, 1], "max_len": [50, 100, 200]}
     settings: int = Field(8, ge=1)
     max_epochs: int = Field(80, ge=1)
-    patience: int = Field(5, ge=1)  # epochs without a better valid NDCG@10 before stopping
+    # stop after this many epochs and optimizer steps without a better valid NDCG@10: long windows
+    # make few steps an epoch (MovieLens at length 200: 4), and 5 epochs alone stopped those early
+    patience: int = Field(5, ge=1)
+    patience_steps: int = Field(100, ge=0)
     # valid cases early stopping scores each epoch (a seeded draw; None: all). Validation cost more
     # than an epoch of training on Amazon Office's 10,000 valid cases; the generative model's own
     # in-training validation draws 600 a task

@@ -18,7 +18,7 @@ from gensar_core.results import goals, write_results
 from eval_warehouse import hash_encoder, write_synthetic_warehouse
 
 DIM = 32
-SWEEP = {"settings": 3, "max_epochs": 4, "patience": 1,
+SWEEP = {"settings": 3, "max_epochs": 4, "patience": 1, "patience_steps": 0,
          "grid": {"lr": [3e-3, 1e-2], "dim": [16, 32], "max_len": [8, 16]}}
 
 

@@ -8,7 +8,8 @@ sweep trains with the same recipe:
   (`train.mixed_precision`: bf16 on a CPU that computes it in hardware, about 1.5x faster here);
 - validation after every epoch on the valid split's cases (every event before the case as input,
   the user's earlier items excluded, full catalogue; a seeded draw of `early_stop_cases`), early
-  stopping after `patience` epochs without a better NDCG@10, the best epoch's weights kept.
+  stopping after `patience` epochs and `patience_steps` optimizer steps without a better
+  NDCG@10, the best epoch's weights kept.
 
 The sweep's rows and its choice are scored on every valid case.
 
@@ -188,7 +189,7 @@ def fit_sasrec(events: TrainEvents, valid: ValidCases, num_items: int, settings:
     item_of = torch.from_numpy(np.concatenate([[PAD], events.items + 1]))  # window id -> model item id
     query_of = torch.from_numpy(np.concatenate([[0], events.next_query]))
     query_table = torch.from_numpy(events.query_vectors)
-    curve, best, best_state, bad = [], -1.0, None, 0
+    curve, best, best_state, bad, best_step = [], -1.0, None, 0, 0
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = SASRec(SASRecConfig(num_items=num_items, dim=settings.dim, layers=settings.layers,
@@ -224,10 +225,10 @@ def fit_sasrec(events: TrainEvents, valid: ValidCases, num_items: int, settings:
             if not progress and epoch % 10 == 9:
                 log.info("epoch %d: valid NDCG@10 %.4f (best %.4f)", epoch + 1, score, max(best, score))
             if score > best:
-                best, best_state, bad = score, copy.deepcopy(model.state_dict()), 0
+                best, best_state, bad, best_step = score, copy.deepcopy(model.state_dict()), 0, step
             else:
                 bad += 1
-                if bad >= sweep.patience:
+                if bad >= sweep.patience and step - best_step >= sweep.patience_steps:
                     break
     model.load_state_dict(best_state)
     trace = {"best_epoch": int(np.argmax(curve)) + 1, "epochs": len(curve), "valid_ndcg10": round(best, 5),
