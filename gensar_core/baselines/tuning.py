@@ -2,7 +2,8 @@
 
 A baseline is only a fair bar when it gets the care the generative model got. Each setting of a
 sweep trains with the same recipe:
-- softmax cross-entropy over the whole catalogue at every position (embed/collaborative.py);
+- softmax cross-entropy over the whole catalogue at every position (embed/collaborative.py's
+  windows, batched by length and cut to their longest window: product histories are short);
 - a learning-rate schedule: one epoch of linear warm-up, then cosine decay to a tenth of the peak
   at `max_epochs` (model/training.py `lr_at`), and the generative model's precision rule
   (`train.mixed_precision`: bf16 on a CPU that computes it in hardware, about 1.5x faster here);
