@@ -114,7 +114,7 @@ class TwoStageRanker(ScoreRanker):
         targets = cases["target"].to_numpy()
         self.tuning = {g: round(ndcg_at_k(lists[g], targets, k), 5) for g in grid}
         best = max(grid, key=lambda g: (self.tuning[g], -g[0], -g[1]))
-        log.info("%s: top_n %d, alpha %.1f (%s NDCG@%d, best of %d settings)", self.name, best[0], best[1], split, k,
+        log.info("%s: top_n %d, alpha %.1f (%s NDCG@%d %.4f, best of %d settings)", self.name, best[0], best[1], split, k,
                  self.tuning[best], len(grid))
         return int(best[0]), float(best[1])
 
