@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from gensar_core.storage import write_json_atomic
+from gensar_core.storage import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,7 @@ def write_results(warehouses: dict[str, str | Path], out_dir: str | Path = "docs
     results = {key: dataset_results(wh) for key, wh in warehouses.items()}
     out_dir = Path(out_dir)
     write_json_atomic(out_dir / "results.json", results)
-    tmp = out_dir / ".results.md.tmp"
-    tmp.write_text(markdown(results))
-    tmp.replace(out_dir / "results.md")
+    write_text_atomic(out_dir / "results.md", markdown(results))
     return results
 
 

@@ -75,12 +75,18 @@ def commit(stage: Path, target: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def write_json_atomic(path: str | Path, payload: dict) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a staging file and a rename: a reader sees the old file or
+    the new one, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}{STAGING}{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def write_table(df: pd.DataFrame | pa.Table, folder: Path, name: str = "part-0.parquet") -> Path:

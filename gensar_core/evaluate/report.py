@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -29,7 +27,7 @@ from gensar_core import tracking
 from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.metrics import metric_names, paired_bootstrap
 from gensar_core.evaluate.protocols import PROTOCOL_LABELS, PROTOCOLS, TASKS
-from gensar_core.storage import STAGING, Warehouse, atomic_dir, write_json_atomic
+from gensar_core.storage import Warehouse, atomic_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -311,10 +309,7 @@ def with_gate_note(markdown: str, note: str) -> str:
 def write_gate_note(path: str | Path, gate: dict) -> None:
     """Put the gate's note at the top of report.md at `path`, atomically (a reader sees the old
     report or the new one, never half of it)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}{STAGING}{uuid.uuid4().hex[:8]}")
-    tmp.write_text(with_gate_note(path.read_text(), gate_note(gate)))
-    os.replace(tmp, path)
+    write_text_atomic(path, with_gate_note(Path(path).read_text(), gate_note(gate)))
 
 
 def flat_metrics(results: dict) -> dict[str, float]:
