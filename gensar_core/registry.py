@@ -25,11 +25,12 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from gensar_core import tracking
+from gensar_core.baselines import build_baselines
 from gensar_core.config import PipelineConfig
 from gensar_core.evaluate.context import EvalContext
 from gensar_core.evaluate.protocols import evaluate_ranker
 from gensar_core.evaluate.report import paired_against_best, report_dir, write_gate_note
-from gensar_core.evaluate.run import baseline_rankers, report_name
+from gensar_core.evaluate.run import report_name
 from gensar_core.model.corpus import apply_id_scheme
 from gensar_core.model.ensemble import member_dirs
 from gensar_core.model.generative_ranker import DecodeSettings, GenerativeRanker, ranker_settings
@@ -60,7 +61,7 @@ def gate_metrics(cfg: PipelineConfig, ranker, *, ctx: EvalContext | None = None,
 
 def compare_with_baselines(cfg: PipelineConfig, ctx: EvalContext, per_case: dict) -> dict[str, dict]:
     """The new model (its per-case scores `per_case` on `ctx`'s cases) against the best baseline of
-    each task: the baselines the evaluate step runs (evaluate.run.baseline_rankers), ranked on the
+    each task: the baselines the evaluate step runs (baselines.build_baselines), ranked on the
     same cases, the best by `registry.metric`, paired with report.paired_against_best.
 
     {task: {against, diff, low, high, n, metric, baselines: {name: registry.metric}}}; a task no
@@ -68,7 +69,7 @@ def compare_with_baselines(cfg: PipelineConfig, ctx: EvalContext, per_case: dict
     on: NDCG at the largest of `evaluate.ks`, as in the evaluation report."""
     methods, scores = {}, {CHALLENGER: per_case}
     try:
-        rankers = baseline_rankers(ctx)
+        rankers = build_baselines(ctx)
     except FileNotFoundError as err:  # a baseline's input (features/sasrec, features/semantic)
         raise FileNotFoundError(f"{err} (the registry gate compares with the evaluate step's baselines; "
                                 f"registry.compare_baselines: false turns that off)") from err

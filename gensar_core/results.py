@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from gensar_core.embed.sasrec import baseline_dir
 from gensar_core.storage import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def _metric(methods: dict, name: str, task: str, metric: str) -> Optional[float]
 
 
 def _sweep_json(warehouse: Path, name: str) -> Optional[dict]:
-    path = warehouse / "models" / "baselines" / name / "sweep.json"
+    path = baseline_dir(warehouse, name) / "sweep.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -60,8 +61,7 @@ def dataset_results(warehouse: str | Path, report: str = "eval-test") -> dict:
         baseline's tuned models (one, or every seed for -x3), a two-stage one its re-ranker's."""
         if row in RENAME:
             return sum(training_seconds(f) for f in info[row]["model_dirs"]), info[row]["parameters"]
-        base = row.split("+")[-1]
-        tuned = sweeps_raw.get(base) or (sweeps_raw.get("sasrec") if row == "sasrec-x3" else None)
+        tuned = sweeps_raw.get(row.split("+")[-1].removesuffix("-x3"))
         if tuned is None:
             return 0.0, int((info.get(row) or {}).get("parameters", 0))
         seeds = list(tuned["seeds"].values())

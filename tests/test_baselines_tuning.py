@@ -59,6 +59,7 @@ def test_sweep_keeps_the_best_valid_setting_and_every_seed(tuned):
     assert sorted(p.name for p in folder.glob("seed-*")) == ["seed-3", "seed-4", "seed-5"]
     # the model kept is the best epoch's: its valid score is the best of its curve
     seed3 = summary["seeds"][3]
+    assert (seed3["best_epoch"], seed3["epochs"]) == (best["best_epoch"], best["epochs"])  # the sweep's own fit
     assert seed3["valid_ndcg10"] == max(seed3["curve"]) and seed3["best_epoch"] == 1 + seed3["curve"].index(max(seed3["curve"]))
     # the query-aware model starts from SASRec's chosen architecture and is chosen on search
     q = result["query-sasrec"]

@@ -19,6 +19,7 @@ from gensar_core.baselines.dense import DenseRanker
 from gensar_core.baselines.popularity import PopularityRanker
 from gensar_core.baselines.sasrec import SASRecRanker
 from gensar_core.baselines.two_stage import TwoStageRanker
+from gensar_core.embed.sasrec import tuned_seeds
 from gensar_core.evaluate.report import seed_row
 
 BASELINES = ("popularity", "sasrec", "sasrec-x3", "query-sasrec", "bm25", "dense", "bm25+sasrec", "dense+sasrec")
@@ -63,7 +64,7 @@ def build_baselines(ctx, names: Optional[Sequence[str]] = None) -> dict:
         else:
             out[name] = get(name)
         if name == "sasrec-x3":  # its members alone: SASRec's seed spread beside the generative model's
-            seeds = list(dict.fromkeys([ctx.cfg.seed, *ctx.cfg.train.ensemble_seeds]))
+            seeds = tuned_seeds(ctx.cfg.seed, ctx.cfg.train.ensemble_seeds)
             for seed, model in list(zip(seeds, ctx.tuned("sasrec")))[1:]:
                 out[seed_row("sasrec", seed)] = SASRecRanker(ctx, [model], seed_row("sasrec", seed))
     # load what each needs now, so a missing input fails before any evaluation runs

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gensar_core.baselines.tuning import case_next_queries
+from gensar_core.baselines.tuning import case_next_queries, parameter_count
 from gensar_core.evaluate.ranking import ScoreRanker
 
 
@@ -43,5 +43,4 @@ class SASRecRanker(ScoreRanker):
             return np.mean([m.score(seqs, next_queries=queries) for m in self.models], axis=0)
 
     def info(self) -> dict:
-        return {"models": len(self.models), "parameters": int(sum(sum(p.numel() for p in m.parameters())
-                                                                  for m in self.models))}
+        return {"models": len(self.models), "parameters": sum(parameter_count(m) for m in self.models)}

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from gensar_core.config import PipelineConfig, SASRecSweepConfig
 from gensar_core.embed.collaborative import rank_metrics, training_windows
-from gensar_core.embed.sasrec import PAD, SASRec, SASRecConfig, baseline_dir, save_sasrec
+from gensar_core.embed.sasrec import PAD, SASRec, SASRecConfig, baseline_dir, save_sasrec, tuned_seeds
 from gensar_core.evaluate.context import EvalContext
 from gensar_core.model.training import amp_dtype, autocast, lr_at
 from gensar_core.storage import atomic_dir, write_json_atomic
@@ -260,7 +260,7 @@ def tune_one(ctx: EvalContext, name: str, progress: bool = True) -> dict:
             best = SASRecSettings(**json.loads(chosen.read_text())["chosen"])
             grid = [replace(best, lr=s.lr, dropout=s.dropout) for s in grid]
             grid = list(dict.fromkeys(grid))
-    rows = []
+    rows, winner = [], None
     for i, settings in enumerate(grid, 1):
         log.info("%s: setting %d of %d: %s", name, i, len(grid), settings)
         model, trace = fit_sasrec(events, stopping, ctx.n_items, settings, sweep, cfg.seed, query_aware, progress,
@@ -271,14 +271,16 @@ def tune_one(ctx: EvalContext, name: str, progress: bool = True) -> dict:
                      "best_epoch": trace["best_epoch"], "epochs": trace["epochs"], "seconds": trace["seconds"],
                      "parameters": parameter_count(model)})
         log.info("%s: %s", name, rows[-1])
-    best_row = max(rows, key=lambda r: r[f"valid_{select}_ndcg10"])  # ties: the earlier setting
+        if winner is None or rows[-1][f"valid_{select}_ndcg10"] > winner[0][f"valid_{select}_ndcg10"]:
+            winner = (rows[-1], model, trace)  # ties: the earlier setting
+    best_row, best_model, best_trace = winner
     settings = SASRecSettings(**best_row["settings"])
-    seeds = list(dict.fromkeys([cfg.seed, *cfg.train.ensemble_seeds]))
     trained = {}
     with atomic_dir(baseline_dir(cfg.warehouse, name)) as stage:
-        for seed in seeds:
-            model, trace = fit_sasrec(events, stopping, ctx.n_items, settings, sweep, seed, query_aware, progress,
-                                      cfg.train.mixed_precision)
+        for seed in tuned_seeds(cfg.seed, cfg.train.ensemble_seeds):
+            # the sweep already trained the winner at the config's seed (the same weights on CPU)
+            model, trace = (best_model, best_trace) if seed == cfg.seed else fit_sasrec(
+                events, stopping, ctx.n_items, settings, sweep, seed, query_aware, progress, cfg.train.mixed_precision)
             save_sasrec(model, stage / f"seed-{seed}")
             trained[seed] = {**trace, "parameters": parameter_count(model)}
             write_json_atomic(stage / f"seed-{seed}" / "stats.json", {**trained[seed], "settings": asdict(settings)})

@@ -104,19 +104,16 @@ class SASRec(nn.Module):
 
     def forward(self, seq: torch.Tensor, next_query: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, L) model ids, left-padded -> (B, L, dim) hidden state after each position.
-        `next_query`: the query of the event after each position, (B, L, query_dim) vectors, or
-        (B, L, dim) already passed through `query_proj` (training gathers projected rows of its
-        query table: the same sum, without a (B, L, query_dim) tensor per batch)."""
+        `next_query`: (B, L, dim), the query of the event after each position already passed
+        through `query_proj` (None: no queries, which is the projection of zero vectors). Callers
+        project: training gathers projected rows of its query table, scoring projects the vectors."""
         b, n = seq.shape
         real = seq != PAD
         # a batch cut to its longest history (left padding) keeps the positions of the full window
         x = self.item_emb(seq) + self.pos_emb(torch.arange(self.config.max_len - n, self.config.max_len,
                                                            device=seq.device))
         if self.query_proj is not None:
-            if next_query is None:
-                next_query = torch.zeros(b, n, self.config.query_dim, device=seq.device)
-            x = x + (next_query if next_query.shape[-1] == self.config.dim and self.config.dim != self.config.query_dim
-                     else self.query_proj(next_query))
+            x = x + (next_query if next_query is not None else self.query_proj.bias)
         x = self.drop(x) * real[..., None]
         # position i sees real positions j <= i; a padding position sees only itself, so no
         # row of the attention is empty (an empty row would give NaN)
@@ -174,7 +171,8 @@ class SASRec(nn.Module):
             seq = self.encode_histories(histories[start:start + batch_size]).to(self.device)
             queries = None
             if next_queries is not None and self.query_proj is not None:
-                queries = self.encode_next_queries(next_queries[start:start + batch_size]).to(self.device)
+                vectors = self.encode_next_queries(next_queries[start:start + batch_size]).to(self.device)
+                queries = self.query_proj(vectors)
             parts.append(self.logits(self(seq, queries)[:, -1]).float().cpu().numpy())
         self.train(was_training)
         if not parts:
@@ -202,6 +200,12 @@ def load_sasrec(folder: str | Path, device: Optional[str] = None) -> SASRec:
 def baseline_dir(warehouse: str | Path, name: str) -> Path:
     """Where tune_baselines keeps a tuned baseline's models: one `seed-<S>` folder each."""
     return Path(warehouse) / "models" / "baselines" / name
+
+
+def tuned_seeds(seed: int, ensemble_seeds: Sequence[int]) -> list[int]:
+    """The train seeds of the tuned baselines, the config's own first: those of the generative
+    ensemble, so one model compares with one and three with three."""
+    return list(dict.fromkeys([seed, *ensemble_seeds]))
 
 
 def load_tuned(warehouse: str | Path, name: str, seeds: Sequence[int]) -> list[SASRec]:

@@ -32,7 +32,7 @@ import pandas as pd
 
 from gensar_core.config import PipelineConfig
 from gensar_core.embed.collaborative import running_histories, user_sequences
-from gensar_core.embed.sasrec import load_sasrec, load_tuned
+from gensar_core.embed.sasrec import load_sasrec, load_tuned, tuned_seeds
 from gensar_core.embed.semantic import encode_texts, item_text
 from gensar_core.embed.vectors import read_vectors
 from gensar_core.evaluate.text_index import BM25Index
@@ -131,8 +131,7 @@ class EvalContext:
         """The models `tune_baselines` wrote for `name` at the config's train seeds ([] if none)."""
         key = ("tuned", name)
         if key not in self.cache:
-            seeds = list(dict.fromkeys([self.cfg.seed, *self.cfg.train.ensemble_seeds]))
-            models = load_tuned(self.cfg.warehouse, name, seeds)
+            models = load_tuned(self.cfg.warehouse, name, tuned_seeds(self.cfg.seed, self.cfg.train.ensemble_seeds))
             for model in models:
                 if model.config.num_items != self.n_items:
                     raise ValueError(f"models/baselines/{name} scores {model.config.num_items} items, "

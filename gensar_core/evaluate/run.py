@@ -12,6 +12,7 @@ from typing import Optional
 
 from gensar_core.baselines import build_baselines
 from gensar_core.config import PipelineConfig
+from gensar_core.embed.sasrec import tuned_seeds
 from gensar_core.evaluate.context import TASKS, EvalContext
 from gensar_core.evaluate.protocols import evaluate_ranker
 from gensar_core.evaluate.ranking import Ranker
@@ -19,13 +20,6 @@ from gensar_core.evaluate.report import (log_to_mlflow, paired_against, paired_a
                                          write_report)
 
 log = logging.getLogger(__name__)
-
-
-def baseline_rankers(ctx: EvalContext) -> dict[str, Ranker]:
-    """{name: ranker} of the baselines the evaluate step runs: the one place that set comes from,
-    so the registry gate (registry.gate_evaluation) compares a new model with exactly the
-    baselines of the report, whatever is added to them."""
-    return dict(build_baselines(ctx))
 
 
 def report_name(cfg: PipelineConfig) -> str:
@@ -43,7 +37,7 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
     started = time.perf_counter()
     ecfg = cfg.evaluate
     ctx = ctx or EvalContext(cfg)
-    rankers: dict[str, Ranker] = baseline_rankers(ctx)
+    rankers: dict[str, Ranker] = build_baselines(ctx)
     baselines = list(rankers)
     for name, ranker in (extra_rankers or {}).items():
         if name in rankers:
@@ -59,9 +53,9 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
         per_case[name] = {}
         methods[name] = evaluate_ranker(ranker, cfg, ecfg.split, ctx=ctx, per_case=per_case[name])
         # wall time over every case ranked (each protocol and task): a cost to put beside quality
-        ranked = sum(len(scores) for scores in per_case[name].values())
-        timing[name] = {"seconds": round(time.perf_counter() - t0, 2), "cases_ranked": ranked,
-                        "ms_per_case": round(1000 * (time.perf_counter() - t0) / max(ranked, 1), 3)}
+        elapsed, ranked = time.perf_counter() - t0, sum(len(scores) for scores in per_case[name].values())
+        timing[name] = {"seconds": round(elapsed, 2), "cases_ranked": ranked,
+                        "ms_per_case": round(1000 * elapsed / max(ranked, 1), 3)}
         descriptions[name] = getattr(ranker, "description", "") or type(ranker).__name__
         info[name] = ranker.info() if hasattr(ranker, "info") else {}
         log.info("evaluate %s: %.1fs %s", name, time.perf_counter() - t0,
@@ -96,7 +90,7 @@ def run_evaluate(cfg: PipelineConfig, extra_rankers: Optional[dict[str, Ranker]]
             for method, against in ecfg.compare}
     seeds = dict(ecfg.seeds)
     if "sasrec-x3" in rankers:  # build_baselines adds its members alone as 'sasrec@seed<S>' rows
-        seeds["sasrec"] = list(cfg.train.ensemble_seeds)
+        seeds["sasrec"] = tuned_seeds(cfg.seed, cfg.train.ensemble_seeds)[1:]
     groups = seed_groups(seeds, list(methods))
     if groups:
         results.update(seed_groups=groups, seed_summary=seed_summary(methods, groups))
