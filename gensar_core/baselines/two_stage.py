@@ -41,10 +41,18 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
+def first_stage(retrieval: np.ndarray, allowed: np.ndarray, top_n: int,
+                tiebreak: Optional[np.ndarray] = None) -> list[np.ndarray]:
+    """Each row's top-`top_n` allowed items by retrieval score."""
+    return top_k(np.where(allowed, retrieval, -np.inf), top_n, tiebreak)
+
+
 def blend_scores(retrieval: np.ndarray, personal: np.ndarray, allowed: np.ndarray, top_n: int, alpha: float,
-                 tiebreak: Optional[np.ndarray] = None) -> np.ndarray:
-    """(B, N) scores: the blend on each row's top-`top_n` allowed items by retrieval, -inf elsewhere."""
-    first = top_k(np.where(allowed, retrieval, -np.inf), top_n, tiebreak)
+                 tiebreak: Optional[np.ndarray] = None, first: Optional[list[np.ndarray]] = None) -> np.ndarray:
+    """(B, N) scores: the blend on each row's top-`top_n` allowed items by retrieval, -inf elsewhere
+    (`first`: that first stage, when already computed for these rows and `top_n`)."""
+    if first is None:
+        first = first_stage(retrieval, allowed, top_n, tiebreak)
     out = np.full(retrieval.shape, -np.inf, dtype=np.float32)
     for i, sel in enumerate(first):
         if len(sel):
@@ -108,8 +116,9 @@ class TwoStageRanker(ScoreRanker):
             chunk = cases.iloc[start:start + batch]
             mask = allowed_mask(chunk, self.ctx.n_items)
             retrieval, personal = self._parts(chunk, mask)
+            firsts = {d: first_stage(retrieval, mask, d, self.ctx.tiebreak) for d in depths}  # once a depth
             for d, a in grid:
-                lists[(d, a)] += top_k(blend_scores(retrieval, personal, mask, d, a, self.ctx.tiebreak),
+                lists[(d, a)] += top_k(blend_scores(retrieval, personal, mask, d, a, self.ctx.tiebreak, firsts[d]),
                                        k, self.ctx.tiebreak)
         targets = cases["target"].to_numpy()
         self.tuning = {g: round(ndcg_at_k(lists[g], targets, k), 5) for g in grid}
